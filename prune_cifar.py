@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import USER_ERRORS, add_criterion_arguments, one_line  # noqa: E402
+from cdp_gfi.cli import USER_ERRORS, add_criterion_arguments, add_recalibration_argument, one_line  # noqa: E402
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
 from cdp_gfi.pipeline import (  # noqa: E402
     DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig, run, sweep)
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--download", action="store_true", help="download CIFAR into --dataroot if missing (never by default)")
     a("--no_integrity_check", dest="integrity_check", action="store_false",
       help="skip the md5 check of the CIFAR files against the official release (re-packed copies)")
-    a("--pretrained_dir", help="pretrained checkpoint file: a state_dict or {'state_dict': ...}, 'module.' ok")
+    a("--pretrained_dir", help="pretrained checkpoint: ours, torchvision's, pytorch_resnet_cifar10's or the CDP "
+                               "authors' layout (nested or bare, 'module.' ok); loaded strictly")
     a("--train_baseline", action="store_true", help="train a baseline first when you have none (cached)")
     a("--baseline_epochs", type=int, help="epochs of baseline training, lr 0.1 cosine (default 200; digits 6)")
     a("--baseline_dir", default="ckpt/base", help="cache of trained baselines (default ckpt/base)")
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="learning-rate schedule: cosine (default) or GFI-AP's step (lr / 1.8 every 8 epochs)")
     a("--layerwise_retrain", type=int, default=0, metavar="N",
       help="GFI-AP: prune layer by layer, N epochs of training after each (default 0: one shot)")
+    add_recalibration_argument(p)
     a("--seed", type=int, default=0, help="seed of sampling, training and the digits split (default 0)")
     a("--save_dir", help="run folder (default runs/<dataset>_<model>_<method>_seed<seed>)")
     a("--resume", action="store_true", help="continue the interrupted run in --save_dir (same arguments)")

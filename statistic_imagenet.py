@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import USER_ERRORS, add_criterion_arguments, one_line  # noqa: E402
+from cdp_gfi.cli import USER_ERRORS, add_criterion_arguments, add_recalibration_argument, one_line  # noqa: E402
 from cdp_gfi.distributed import cleanup  # noqa: E402
 from cdp_gfi.imagenet_prune import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
 from cdp_gfi.models import IMAGENET_MODELS  # noqa: E402
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", choices=IMAGENET_MODELS, default="resnet50", help="torchvision architecture (vgg* = vgg*_bn)")
     a("--pretrained_dir", help="trained weights: a state_dict, {'state_dict': ...}, a checkpoint of ours, or a "
-                               "torchvision weights file; loaded strictly")
+                               "torchvision weights file (nested or bare, 'module.' ok); loaded strictly")
     a("--allow_random_init", action="store_true",
       help="run without --pretrained_dir (tests only: statistics of an untrained network are meaningless)")
     a("--dataroot", required=True, help="folder with train/ and val/ class folders (ImageFolder layout)")
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_statistic_path", help="folder of the statistics file (default: --save_model_path)")
     a("--recompute_statistics", action="store_true", help="gather statistics even if the file exists")
     a("--save_model_path", help="output folder (default ckpt/imagenet_<model>_<method>)")
+    add_recalibration_argument(p)
     a("--seed", type=int, default=0, help="seed of the image sample (and of random weights; default 0)")
     a("--gpus", help="GPU index, e.g. 0 (single process; under torchrun use CUDA_VISIBLE_DEVICES)")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")

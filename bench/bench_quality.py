@@ -1,70 +1,161 @@
-"""Quality on the digits demo: every method at equal MACs removed, same baseline, same fine-tuning budget.
+"""Quality on real pretrained networks and real CIFAR-10 images: every method at equal MACs removed.
 
-Methods: CDP (class-wise and per-sample documents), GFI-AP, NNI's L1Norm, FPGM
-and Taylor (uniform sparse_ratio bisected to the MACs target), Torch-Pruning's
-group magnitude (global ratio bisected; it prunes coupled groups, here only
-those led by block conv1s) and random scores. The ResNet-20 baseline is the
-digits demo's (trained once, cached in ckpt/base). Seeds vary the statistics
-sample, the random scores, Taylor's batches and fine-tuning, not the baseline.
+Each (network, MACs target, seed) prunes the same block-internal convs of one
+published checkpoint with every method, slims, re-estimates BatchNorm
+statistics on the same 20 batches (a), then fine-tunes 3 epochs with one
+fixed recipe (b); top-1 on the held-out images after each. Seeds change the
+statistics sample, Taylor's batches, the BN batches and the fine-tuning order.
 
-    python bench/bench_quality.py            # 2 targets x 3 seeds, 2 fine-tuning epochs
-    python bench/bench_quality.py --quick    # 1 target (40%), 1 seed
+    python bench/bench_quality.py --quick     # ResNet-20, 50%, seed 0, the main rows
+    python bench/bench_quality.py             # ResNet-20 and -32, 30% and 50%, seeds 0-2, every row
+    python bench/bench_quality.py --epochs 0  # measure (a) only
+    python bench/bench_quality.py --dataroot /data/cifar10 --nets resnet56=ckpt/resnet56.pth   # your own
 
-Writes readme/bench_quality.csv (one row per run), readme/bench_quality_summary.csv
-and readme/bench_quality.png (accuracy vs MACs).
+Rows are appended to <out>/bench_quality.csv as they finish; --resume skips
+the ones already there. The summary (mean and std over seeds) goes to
+<out>/bench_quality_summary.csv and the plot to <out>/bench_quality.png.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 import competitors  # noqa: E402
-from cdp_gfi import build_model, count_flops, select, to_nni_masks  # noqa: E402
-from cdp_gfi.data import make_loader, sample_loader  # noqa: E402
-from cdp_gfi.graph import trace  # noqa: E402
-from cdp_gfi.pipeline import (PruneConfig, finetune, load_baseline, load_splits, resolve,  # noqa: E402
-                              train_baseline, train_loader)
-from cdp_gfi.plots import plot_accuracy_vs_macs  # noqa: E402
+from cdp_gfi import build_model, count_flops, load_pretrained, recalibrate_batchnorm, select, to_nni_masks  # noqa: E402
+from cdp_gfi.data import cifar_datasets, make_loader, sample_loader  # noqa: E402
+from cdp_gfi.graph import ModelGraph, trace  # noqa: E402
+from cdp_gfi.pipeline import PruneConfig, finetune, resolve, train_loader  # noqa: E402
 from cdp_gfi.scope import default_scope  # noqa: E402
 from cdp_gfi.scores import scores_from_statistics  # noqa: E402
-from cdp_gfi.statistics import collect_statistics  # noqa: E402
+from cdp_gfi.sites import read_points  # noqa: E402
+from cdp_gfi.statistics import Statistics, collect_statistics  # noqa: E402
 from cdp_gfi.train import evaluate, seed_everything  # noqa: E402
+from cdp_gfi.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
 
-OURS = {"cdp-classwise": ("cdp", "classwise"), "cdp-sample": ("cdp", "sample"), "gfi-ap": ("gfi", "classwise")}
-METHODS = (*OURS, *competitors.NNI_METHODS, "tp-group-magnitude", "random")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATAROOT = SHARED / "cifar10-real-subset"
+DEFAULT_NETS = {"resnet20": SHARED / "pretrained" / "resnet20-12fca82f.th",
+                "resnet32": SHARED / "pretrained" / "resnet32-d509ac18.th"}
 SIZE = (3, 32, 32)
 DEVICE = torch.device("cpu")
+BATCH = 128
+STATS_BATCHES = 20
+RECAL_BATCHES = 20
 
 
-def baseline(config: PruneConfig, splits) -> nn.Module:
-    """The digits demo's cached baseline, trained here once if absent."""
-    model = build_model(config.model, config.dataset)
-    if not load_baseline(config, model):
-        loaders = (train_loader(config, splits[0]), make_loader(splits[2], config.batch_size, shuffle=False))
-        with tempfile.TemporaryDirectory() as tmp:
-            train_baseline(config, model, loaders, DEVICE, Path(tmp))
-    return model.eval()
+@dataclass(frozen=True)
+class Ours:
+    """One of our rows: method, CDP documents, variant."""
+
+    method: str
+    cdp_mode: str
+    variant: Variant
 
 
-def taylor_evaluator(config: PruneConfig, dataset) -> Callable[[nn.Module], object]:
+OURS: Dict[str, Ours] = {
+    "cdp": Ours("cdp", "classwise", DEFAULTS["cdp"]),
+    "gfi-ap": Ours("gfi", "classwise", DEFAULTS["gfi"]),
+    "cdp-sample": Ours("cdp", "sample", DEFAULTS["cdp"]),
+    "cdp[published]": Ours("cdp", "classwise", PUBLISHED["cdp"]),
+    "cdp-sample[published]": Ours("cdp", "sample", PUBLISHED["cdp"]),
+    "gfi-ap[published]": Ours("gfi", "classwise", PUBLISHED["gfi"]),
+}
+OTHERS = ("nni-l1", "nni-fpgm", "nni-taylor", "tp-global", "tp-layer", "random")
+METHODS = (*OURS, *OTHERS)
+MAIN = ("cdp", "gfi-ap", "cdp[published]", "gfi-ap[published]", "nni-l1", "tp-global", "random")
+
+
+class Bench:
+    """One network, one seed: the data, the dense net, its graph and scope, statistics per feature site."""
+
+    def __init__(self, name: str, path: Path, splits, seed: int, epochs: int) -> None:
+        self.name, self.splits, self.seed, self.epochs = name, splits, seed, epochs
+        self.base = build_model(name, "cifar10").eval()
+        load_pretrained(self.base, path, what=f"--nets {name}")
+        self.graph: ModelGraph = trace(self.base, torch.zeros(1, *SIZE))
+        self.scope = default_scope(self.graph)
+        self.test = make_loader(splits[2], 256, shuffle=False)
+        self.base_top1 = self.top1(self.base)
+        self.dense_macs = count_flops(self.base, SIZE)[0]
+        self._stats: Dict[str, Statistics] = {}
+
+    def top1(self, model: nn.Module) -> float:
+        return evaluate(model, self.test, DEVICE, disable_progress=True)["top1"]
+
+    def statistics(self, site: str) -> Statistics:
+        """Every kind of statistics at ``site``, gathered once per network and seed."""
+        if site not in self._stats:
+            loader = sample_loader(self.splits[1], BATCH, STATS_BATCHES, self.seed, 0)
+            self._stats[site] = collect_statistics(
+                self.base, loader, self.scope, ("cdp_class", "cdp_sample", "gfi"), num_classes=10,
+                stop_batch=STATS_BATCHES, progress=False, read_at=read_points(self.graph, self.scope, site))
+        return self._stats[site]
+
+    def pruned(self, method: str, target: float) -> nn.Module:
+        """The dense net pruned by ``method`` to remove ``target`` of its conv+linear MACs, slimmed."""
+        if method in OURS:
+            ours = OURS[method]
+            stats = self.statistics(ours.variant.site)
+            scores, tie = scores_from_statistics(stats, ours.method, ours.cdp_mode, None, self.scope)
+            keep, _ = select(ours.method, scores, tie, flops_reduction=target, graph=self.graph,
+                             normalization=ours.variant.normalize, cost_power=ours.variant.cost_power)
+            return competitors.slimmed(self.base, to_nni_masks(self.base, keep), SIZE)
+        if method.startswith("tp-"):
+            return competitors.tp_at_macs(self.base, self.scope, target, SIZE, method == "tp-global")[0]
+        if method == "random":
+            masks = competitors.random_masks(self.base, self.graph, self.scope, target, self.seed)
+        else:
+            factory = taylor_evaluator(self.splits[1], self.seed) if method == "nni-taylor" else None
+            masks = competitors.nni_at_macs(method, self.base, self.scope, target, SIZE, factory)[0]
+        return competitors.slimmed(self.base, masks, SIZE)
+
+    def run(self, method: str, target: float) -> Dict[str, object]:
+        """Prune, evaluate; re-estimate BN, evaluate (a); fine-tune, evaluate (b): one row."""
+        seed_everything(self.seed)
+        started = time.perf_counter()
+        model = self.pruned(method, target)
+        prune_s = time.perf_counter() - started
+        right_after = self.top1(model)
+        recal = make_loader(self.splits[1], BATCH, shuffle=True, seed=self.seed)
+        recalibrate_batchnorm(model, recal, RECAL_BATCHES, DEVICE, progress=False)
+        recalibrated = self.top1(model)
+        finetuned = float("nan")
+        if self.epochs:
+            config = resolve(PruneConfig(dataset="cifar10", model=self.name, epochs=self.epochs, lr=0.01,
+                                         batch_size=BATCH, workers=0, seed=self.seed, sparsity=0.5))
+            with tempfile.TemporaryDirectory() as tmp:
+                log = finetune(replace(config, save_dir=tmp), model, None,
+                               (train_loader(config, self.splits[0]), self.test), DEVICE, Path(tmp))
+            finetuned = log.attrs["final_top1"]
+        macs = count_flops(model, SIZE)[0]
+        return dict(net=self.name, method=method, target_pct=100 * target, seed=self.seed,
+                    macs_removed_pct=100 * (1 - macs / self.dense_macs), baseline_top1=self.base_top1,
+                    top1_pruned=right_after, top1_recalibrated=recalibrated, top1_finetuned=finetuned,
+                    prune_s=prune_s, total_s=time.perf_counter() - started)
+
+
+def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
     """An NNI TorchEvaluator factory whose optimizer has lr 0: Taylor's batches only measure gradients."""
     import nni
     from nni.compression import TorchEvaluator
 
-    loader = sample_loader(dataset, config.batch_size, 8, config.seed, 0)
+    loader = sample_loader(dataset, BATCH, 8, seed, 0)
 
     def training(model, optimizer, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
         model.train()
@@ -83,93 +174,122 @@ def taylor_evaluator(config: PruneConfig, dataset) -> Callable[[nn.Module], obje
     return factory
 
 
-def pruned_model(method: str, base: nn.Module, config: PruneConfig, splits, target: float) -> nn.Module:
-    """``base`` pruned by ``method`` to remove ``target`` of its conv+linear MACs, slimmed."""
-    graph = trace(base, torch.zeros(1, *SIZE))
-    scope = default_scope(graph)
-    if method == "tp-group-magnitude":
-        return competitors.tp_at_macs(base, scope, target, SIZE)[0]
-    if method == "random":
-        masks = competitors.random_masks(base, graph, scope, target, config.seed)
-    elif method in competitors.NNI_METHODS:
-        factory = taylor_evaluator(config, splits[1]) if method == "nni-taylor" else None
-        masks = competitors.nni_at_macs(method, base, scope, target, SIZE, factory)[0]
-    else:
-        kind, mode = OURS[method]
-        loader = sample_loader(splits[1], config.batch_size, config.stop_batch, config.seed, 0)
-        kinds = ("cdp_class",) if mode == "classwise" and kind == "cdp" else ("cdp_sample",) if kind == "cdp" \
-            else ("gfi",)
-        stats = collect_statistics(base, loader, scope, kinds, num_classes=10, stop_batch=config.stop_batch,
-                                   progress=False)
-        scores, tiebreak = scores_from_statistics(stats, kind, mode, None, scope)
-        keep, _ = select(kind, scores, tiebreak, flops_reduction=target, graph=graph)
-        masks = to_nni_masks(base, keep)
-    return competitors.slimmed(base, masks, SIZE)
-
-
-def one_run(method: str, base: nn.Module, config: PruneConfig, splits, target: float) -> Dict[str, object]:
-    """Prune, evaluate, fine-tune, evaluate: one row of the results."""
-    seed_everything(config.seed)
-    started = time.perf_counter()
-    model = pruned_model(method, base, config, splits, target)
-    prune_s = time.perf_counter() - started
-    test = make_loader(splits[2], config.batch_size, shuffle=False)
-    before = evaluate(model, test, DEVICE, disable_progress=True)["top1"]
-    with tempfile.TemporaryDirectory() as tmp:
-        log = finetune(replace(config, save_dir=tmp), model, None, (train_loader(config, splits[0]), test), DEVICE,
-                       Path(tmp))
-    macs, params = count_flops(model, SIZE)
-    dense_macs, dense_params = count_flops(base, SIZE)
-    return dict(method=method, target_pct=100 * target, seed=config.seed,
-                macs_removed_pct=100 * (1 - macs / dense_macs), params_removed_pct=100 * (1 - params / dense_params),
-                macs_m=macs / 1e6, top1_pruned=before, top1=log.attrs["final_top1"], prune_s=prune_s,
-                total_s=time.perf_counter() - started)
-
-
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread (std over seeds) per method and target, with the gap to random at the same target."""
-    grouped = rows.groupby(["target_pct", "method"], sort=False)
-    out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), macs_m=("macs_m", "mean"),
-                      top1_pruned=("top1_pruned", "mean"), top1=("top1", "mean"), top1_std=("top1", "std"),
-                      seeds=("seed", "count"), prune_s=("prune_s", "mean")).reset_index()
-    random = out[out["method"] == "random"].set_index("target_pct")["top1"]
-    out["vs_random"] = out["top1"] - out["target_pct"].map(random)
+    """Mean and std over seeds of both measures, per network, target and method (table order kept)."""
+    grouped = rows.groupby(["net", "target_pct", "method"], sort=False)
+    out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), top1_pruned=("top1_pruned", "mean"),
+                      a_mean=("top1_recalibrated", "mean"), a_std=("top1_recalibrated", "std"),
+                      b_mean=("top1_finetuned", "mean"), b_std=("top1_finetuned", "std"),
+                      seeds=("seed", "count"), run_s=("total_s", "mean")).reset_index()
     return out.round(2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one target (40%%), one seed")
-    parser.add_argument("--targets", default="0.4,0.6", help="fractions of MACs removed (default 0.4,0.6)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per run (default 2)")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default="readme", help="folder for the CSVs and the plot (default readme)")
-    args = parser.parse_args()
-    targets = [0.4] if args.quick else [float(t) for t in args.targets.split(",")]
-    seeds = range(1 if args.quick else args.seeds)
-    config = resolve(PruneConfig(dataset="digits", epochs=args.epochs, batch_size=128, stop_batch=10,
-                                 sparsity=0.5))
-    splits = load_splits(config)
-    base = baseline(config, splits)
-    base_top1 = evaluate(base, make_loader(splits[2], 128, shuffle=False), DEVICE)["top1"]
-    rows: List[Dict[str, object]] = []
-    for seed in seeds:
-        for target in targets:
-            for method in args.methods.split(","):
-                rows.append(one_run(method, base, replace(config, seed=seed), splits, target))
-                print({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-    frame = pd.DataFrame(rows)
-    table = summarize(frame)
-    print(f"\nbaseline top-1 {base_top1:.2f}%, {args.epochs} fine-tuning epochs, seeds {list(seeds)}")
-    print(table.to_string(index=False))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "bench_quality.csv", index=False)
-    table.to_csv(out / "bench_quality_summary.csv", index=False)
-    plot_accuracy_vs_macs(table, out / "bench_quality.png", "ResNet-20 on digits: top-1 after fine-tuning vs MACs",
-                          baseline=base_top1)
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    """Grouped bars: top-1 after BN re-estimation (a) and after fine-tuning (b), per network and target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(summary.groupby(["net", "target_pct"], sort=False).groups)
+    methods = list(dict.fromkeys(summary["method"]))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(cases) * len(methods) / 4), 8), sharex=True)
+    width = 0.8 / len(methods)
+    for ax, (col, title) in zip(axes, (("a", "(a) after pruning + BN re-estimation"),
+                                       ("b", "(b) after fine-tuning"))):
+        for j, method in enumerate(methods):
+            part = summary[summary["method"] == method].set_index(["net", "target_pct"])
+            xs = [i + j * width for i, case in enumerate(cases) if case in part.index]
+            vals = [part.loc[case, f"{col}_mean"] for case in cases if case in part.index]
+            errs = [part.loc[case, f"{col}_std"] for case in cases if case in part.index]
+            ax.bar(xs, vals, width, yerr=[0 if pd.isna(e) else e for e in errs], label=method, capsize=2)
+        ax.set_ylabel("top-1 %")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    axes[1].set_xticklabels([f"{net}\n{pct:g}% MACs removed" for net, pct in cases])
+    axes[0].legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_nets(text: Optional[str]) -> Dict[str, Path]:
+    """``name=path,name=path`` (model names as --model takes them), or the shared defaults."""
+    if not text:
+        return dict(DEFAULT_NETS)
+    nets = {}
+    for part in text.split(","):
+        name, sep, path = part.partition("=")
+        if not sep:
+            raise ValueError(f"--nets takes name=path pairs, got {part!r}")
+        nets[name.strip()] = Path(path.strip())
+    return nets
+
+
+def check_paths(dataroot: Path, nets: Dict[str, Path]) -> None:
+    """A missing default says which flag to pass."""
+    if not (dataroot / "cifar-10-batches-py").is_dir():
+        raise FileNotFoundError(f"no cifar-10-batches-py/ under {str(dataroot)!r}: pass --dataroot (a CIFAR-10 "
+                                "folder in torchvision's python layout)")
+    for name, path in nets.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint for {name} not found at {str(path)!r}: pass --nets {name}=PATH")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataroot", type=Path, default=DEFAULT_DATAROOT,
+                   help="CIFAR-10 root holding cifar-10-batches-py/ (default: ../shared/data/cifar10-real-subset)")
+    p.add_argument("--nets", help="name=checkpoint pairs, comma-separated (default: the two shared pretrained "
+                                  "ResNets, resnet20 and resnet32)")
+    p.add_argument("--targets", default="0.3,0.5", help="fractions of conv+linear MACs removed (default 0.3,0.5)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs for (b); 0: measure (a) only")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"rows (default all): {', '.join(METHODS)}")
+    p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows")
+    p.add_argument("--resume", action="store_true", help="keep rows already in <out>/bench_quality.csv")
+    p.add_argument("--out", type=Path, default=Path("readme"), help="folder for CSVs and the plot (default readme)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        nets = parse_nets(args.nets)
+        if args.quick:
+            nets = {k: v for k, v in nets.items() if k == "resnet20"} or dict(list(nets.items())[:1])
+        check_paths(args.dataroot, nets)
+        methods = list(MAIN if args.quick else args.methods.split(","))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+        targets = [0.5] if args.quick else [float(t) for t in args.targets.split(",")]
+        seeds = range(1 if args.quick else args.seeds)
+        splits = cifar_datasets(args.dataroot, check_integrity=False)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv = args.out / "bench_quality.csv"
+    rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
+    done = set(zip(rows["net"], rows["method"], rows["target_pct"], rows["seed"])) if len(rows) else set()
+    started = time.perf_counter()
+    todo: List[Tuple[str, int, float, str]] = [(n, s, t, m) for n in nets for s in seeds for t in targets
+                                               for m in methods if (n, m, 100 * t, s) not in done]
+    bench = None
+    for net, seed, target, method in tqdm(todo, desc="bench_quality"):
+        if bench is None or (bench.name, bench.seed) != (net, seed):
+            bench = Bench(net, nets[net], splits, seed, args.epochs)
+        row = bench.run(method, target)
+        rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
+        rows.to_csv(csv, index=False)
+        tqdm.write(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    summary = summarize(rows)
+    summary.to_csv(args.out / "bench_quality_summary.csv", index=False)
+    plot(summary, args.out / "bench_quality.png")
+    print(summary.to_string(index=False))
+    print(f"\n{len(todo)} runs in {(time.perf_counter() - started) / 60:.1f} min on {torch.get_num_threads()} "
+          f"thread(s); baseline top-1 on these images: " +
+          ", ".join(f"{n} {v:.2f}%" for n, v in rows.groupby("net")["baseline_top1"].first().items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,8 +4,9 @@ NNI's pruners take one sparse_ratio per layer: a uniform ratio over our default
 scope is bisected until conv+linear MACs (counted through the masks) fall by
 the target within 0.5 pt, then the masks are slimmed with ``cdp_gfi.slim``.
 Torch-Pruning (a benchmark-only dependency) prunes coupled groups with its
-``GroupMagnitudeImportance`` and a global ratio bisected the same way; every
-conv outside our scope and the classifier are in ``ignored_layers``.
+default ``GroupMagnitudeImportance`` (L2, mean-normalised), globally or per
+layer, the ratio bisected the same way; every conv outside our scope and the
+classifier are in ``ignored_layers``.
 """
 from __future__ import annotations
 
@@ -84,24 +85,25 @@ def slimmed(model: nn.Module, masks: Masks, size: Sequence[int]) -> nn.Module:
     return slim(copy.deepcopy(model).cpu().eval(), masks, torch.zeros(1, *size))
 
 
-def tp_pruned(model: nn.Module, scope: Iterable[str], ratio: float, size: Sequence[int]) -> nn.Module:
-    """A copy pruned by Torch-Pruning's group magnitude at one global ``ratio`` (only groups led by ``scope``)."""
+def tp_pruned(model: nn.Module, scope: Iterable[str], ratio: float, size: Sequence[int],
+              global_pruning: bool = True) -> nn.Module:
+    """A copy pruned by Torch-Pruning's group magnitude at ``ratio``, global or per layer (groups led by ``scope``)."""
     import torch_pruning as tp
 
     work = copy.deepcopy(model).cpu().eval()
     keep = set(scope)
     ignored = [m for n, m in work.named_modules() if isinstance(m, nn.Linear) or
                (isinstance(m, nn.Conv2d) and n not in keep)]
-    pruner = tp.pruner.MagnitudePruner(work, torch.zeros(1, *size), importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                       global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored)
+    pruner = tp.pruner.MagnitudePruner(work, torch.zeros(1, *size), importance=tp.importance.GroupMagnitudeImportance(),
+                                       global_pruning=global_pruning, pruning_ratio=ratio, ignored_layers=ignored)
     pruner.step()
     return work
 
 
-def tp_at_macs(model: nn.Module, scope: Iterable[str], target: float, size: Sequence[int]
-               ) -> Tuple[nn.Module, float, float]:
-    """(pruned copy, global ratio, MACs reduction) of Torch-Pruning's group magnitude at the MACs ``target``."""
+def tp_at_macs(model: nn.Module, scope: Iterable[str], target: float, size: Sequence[int],
+               global_pruning: bool = True) -> Tuple[nn.Module, float, float]:
+    """(pruned copy, ratio, MACs reduction) of Torch-Pruning's group magnitude at the MACs ``target``."""
     scope = list(scope)
     dense = count_flops(model, size)[0]
-    return bisect_ratio(lambda r: tp_pruned(model, scope, r, size),
+    return bisect_ratio(lambda r: tp_pruned(model, scope, r, size, global_pruning),
                         lambda m: 1.0 - count_flops(m, size)[0] / dense, target)

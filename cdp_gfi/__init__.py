@@ -6,7 +6,9 @@ masks, slim, count FLOPs, or do it all through the NNI pruner classes.
 from .flops import count_flops, layer_table
 from .models import build_model
 from .masks import LayerEmptiedError, apply_masks, select, to_nni_masks
+from .pretrained import load_pretrained
 from .pruners import CDPPruner, GFIPruner
+from .recalibrate import recalibrate_batchnorm
 from .scope import default_scope
 from .scores import cdp_scores, compute_scores, gfi_scores, scores_from_statistics
 from .slim import slim
@@ -15,6 +17,7 @@ from .statistics import Statistics, StatisticsError, collect_statistics
 __all__ = [
     "CDPPruner", "GFIPruner", "Statistics", "StatisticsError", "LayerEmptiedError",
     "apply_masks", "build_model", "cdp_scores", "collect_statistics", "compute_scores", "count_flops",
-    "default_scope", "gfi_scores", "layer_table", "scores_from_statistics", "select", "slim", "to_nni_masks",
+    "default_scope", "gfi_scores", "layer_table", "load_pretrained", "recalibrate_batchnorm",
+    "scores_from_statistics", "select", "slim", "to_nni_masks",
 ]
 

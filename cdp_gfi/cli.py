@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 
 from .checkpoint import CheckpointError
+from .ranking import NORMALIZATIONS
+from .sites import SITES
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
 
 
 def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
-    """--method, --scope, --round_to, --cdp_mode and --coe, worded the same in every script."""
+    """--method, --scope, --round_to, --cdp_mode, --coe and the variant flags, worded the same in every script."""
     a = parser.add_argument
     a("--method", choices=("cdp", "gfi"), default="cdp", help="CDP (class-wise TF-IDF) or GFI-AP (default cdp)")
     a("--scope", choices=("internal", "all"), default="internal",
@@ -18,6 +20,21 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cdp_mode", choices=("classwise", "sample"), default="classwise",
       help="CDP documents: classes (the paper's, default) or images (the authors' code)")
     a("--coe", type=float, help="CDP layer rescaling b = 1 + ln(C / coe); 0 or unset: b = 1")
+    a("--published", action="store_true",
+      help="the papers' own definitions (site conv, normalize none, cost_power 0) instead of our defaults")
+    a("--site", choices=SITES, help="where feature maps are read: conv (the papers'), bn (after the BatchNorm) "
+                                    "or input (what the next layer reads); default per method, see README")
+    a("--normalize", choices=NORMALIZATIONS,
+      help="rescale each layer's scores before the global ranking: none (the papers'), mean, max, rank")
+    a("--cost_power", type=float, metavar="P",
+      help="divide scores by (MACs of one filter / mean)^P: expensive filters must earn their place (papers: 0)")
+
+
+def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:
+    """--bn_recalibrate N: BatchNorm re-estimation after pruning, worded the same in every script."""
+    parser.add_argument("--bn_recalibrate", type=int, metavar="N",
+                        help="re-estimate BatchNorm statistics of the pruned network on N batches of un-augmented "
+                             "training images (default 20, or all of a smaller training set; 0 turns it off)")
 
 
 def one_line(err: BaseException) -> str:

@@ -13,7 +13,8 @@ Files (only rank 0 writes):
   by a later run when it matches the model, weights and sampling settings;
 - per target, in ``save_model_path`` (one target) or
   ``save_model_path/<sparsity|flops_reduction>_<value>/`` (a sweep):
-  ``masks.pth`` and ``slim.pth`` (``retrain``'s masks and slim checkpoints,
+  ``masks.pth`` and ``slim.pth`` (``retrain``'s masks and slim checkpoints; the slim network
+  with its BatchNorm statistics re-estimated on ``bn_recalibrate`` batches,
   which ``imagenet/imagenet.py --resume`` reads), ``layers.csv`` (filters
   kept per layer) and ``costs.csv`` (MACs and parameters, both conventions);
 - ``results.csv`` in ``save_model_path``: one row per target.
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import ensure_writable_dir, load_state_dict_strict
+from .checkpoint import ensure_writable_dir
 from .data import imagenet_datasets, make_loader, sample_loader
 from .distributed import DistInfo, barrier
 from .flops import CONVENTIONS, keep_vectors
@@ -39,6 +40,10 @@ from .masked import Masks
 from .masks import check_fraction
 from .models import IMAGENET_MODELS, build_model
 from .pipeline import PruneConfig, choose_masks
+from .pretrained import load_pretrained
+from .sites import read_points
+from .variants import Variant, resolve_variant
+from .recalibrate import check_batches, recalibrate_batchnorm
 from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
 from .retrain import SLIM_DUMMY_SIZE, ShardSampler, _resolve_device, save_masks_checkpoint, save_slim_checkpoint
 from .groups import Unit
@@ -52,7 +57,8 @@ STATISTICS_NAME, MASKS_NAME, SLIM_NAME = "statistics.pth", "masks.pth", "slim.pt
 RESULTS_NAME, LAYERS_NAME, COSTS_NAME = "results.csv", "layers.csv", "costs.csv"
 MIN_INPUT_SIZE = 32
 # Statistics settings that must match for a statistics file to be reused.
-SAMPLING_KEYS = ("model", "num_classes", "weights_checksum", "stop_batch", "batch_size", "seed", "input_size")
+SAMPLING_KEYS = ("model", "num_classes", "weights_checksum", "stop_batch", "batch_size", "seed", "input_size",
+                 "site")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,10 @@ class Stage1Config:
     round_to: Optional[int] = None
     cdp_mode: str = "classwise"
     coe: Optional[float] = None
+    published: bool = False
+    site: Optional[str] = None
+    normalize: Optional[str] = None
+    cost_power: Optional[float] = None
     sparsity: Tuple[float, ...] = ()
     flops_reduction: Tuple[float, ...] = ()
     flops_convention: str = "conv-linear"
@@ -80,6 +90,7 @@ class Stage1Config:
     save_statistic_path: Optional[str] = None
     save_model_path: Optional[str] = None
     recompute_statistics: bool = False
+    bn_recalibrate: Optional[int] = None
     seed: int = 0
     gpus: Optional[str] = None
     device: Optional[str] = None
@@ -145,6 +156,7 @@ def check(config: Stage1Config) -> List[Target]:
     if config.model not in IMAGENET_MODELS:
         raise ValueError(f"--model {config.model!r} is not one of {list(IMAGENET_MODELS)}")
     statistics_kinds(config.method, config.cdp_mode)
+    variant_of(config)
     targets = targets_of(config)
     if config.flops_convention not in CONVENTIONS:
         raise ValueError(f"--flops_convention must be one of {CONVENTIONS}, got {config.flops_convention!r}")
@@ -188,7 +200,7 @@ def load_model(config: Stage1Config, num_classes: int) -> nn.Module:
     seed_everything(config.seed)
     model = build_model(config.model, "imagenet", num_classes)
     if config.pretrained_dir:
-        load_state_dict_strict(model, config.pretrained_dir, what="--pretrained_dir")
+        load_pretrained(model, config.pretrained_dir, what="--pretrained_dir")
     return model.eval()
 
 
@@ -201,7 +213,7 @@ def sampling_meta(config: Stage1Config, model: nn.Module, num_classes: int) -> D
     """What the statistics depend on besides the method (stored in the file, compared on reuse)."""
     return {"model": config.model, "num_classes": num_classes, "weights_checksum": weights_checksum(model),
             "stop_batch": config.stop_batch, "batch_size": config.batch_size, "seed": config.seed,
-            "input_size": config.input_size}
+            "input_size": config.input_size, "site": variant_of(config).site}
 
 
 def reuse_statistics(config: Stage1Config, model: nn.Module, meta: Dict[str, Any], path: Path
@@ -234,8 +246,8 @@ def dummy_input(config: Stage1Config) -> torch.Tensor:
     return torch.zeros(1, 3, config.input_size, config.input_size)
 
 
-def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, layers: Sequence[str],
-                      meta: Dict[str, Any], info: DistInfo) -> Statistics:
+def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, graph: ModelGraph,
+                      layers: Sequence[str], meta: Dict[str, Any], info: DistInfo) -> Statistics:
     """One statistics pass (split into passes by --stats_memory_gb for GFI-AP), saved by rank 0."""
     loader = statistics_loader(config, dataset, info)
     if info.is_main:
@@ -244,7 +256,8 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
     stats = collect_statistics(model.to(info.device), loader, layers, statistics_kinds(config.method, config.cdp_mode),
                                num_classes=meta["num_classes"], memory_budget_gb=config.stats_memory_gb,
                                device=info.device, dummy_input=dummy_input(config).to(info.device),
-                               progress=info.is_main, meta=meta)
+                               progress=info.is_main, meta=meta,
+                               read_at=read_points(graph, layers, meta["site"]))
     model.cpu()
     if info.is_main:
         stats.save(str(statistics_path(config)))
@@ -255,16 +268,29 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
 def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Statistics, graph: ModelGraph,
               units: Dict[str, Unit]) -> Masks:
     """NNI masks for one target, chosen by the CIFAR pipeline's scoring and global selection."""
+    variant = variant_of(config)
     prune_config = PruneConfig(method=config.method, cdp_mode=config.cdp_mode, coe=config.coe,
-                               scope=config.scope, round_to=config.round_to,
+                               scope=config.scope, round_to=config.round_to, site=variant.site,
+                               normalize=variant.normalize, cost_power=variant.cost_power,
                                flops_convention=config.flops_convention, **{target.kind: target.value})
     return choose_masks(prune_config, model, stats, graph, units)
 
 
-def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Costs, input_size: int) -> Point:
-    """Slim a copy of the dense network with ``masks`` (at <= 64x64: only the shape matters) and count its costs."""
+def variant_of(config: Stage1Config) -> Variant:
+    """The criterion variant of the run: published or default preset, explicit flags on top."""
+    return resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power)
+
+
+def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Costs, input_size: int,
+               recalibration: Optional[Tuple[DataLoader, int]] = None) -> Point:
+    """Slim a copy of the dense network with ``masks`` (at <= 64x64: only the shape matters) and count its costs.
+
+    ``recalibration`` = (loader, batches) re-estimates the slim network's BatchNorm statistics.
+    """
     size = min(SLIM_DUMMY_SIZE, input_size)
     slimmed = slim(copy.deepcopy(model).eval(), masks, torch.randn(1, 3, size, size))
+    if recalibration is not None and recalibration[1]:
+        recalibrate_batchnorm(slimmed, *recalibration)
     return Point(target, masks, slimmed, cost_table(dense_costs, measure(slimmed, (3, input_size, input_size))))
 
 
@@ -304,6 +330,7 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     info = _resolve_device(config)
     _, train_plain, _ = imagenet_datasets(config.dataroot, config.input_size)
     num_classes = len(train_plain.classes)
+    recal_batches = check_batches(config.bn_recalibrate, -(-len(train_plain) // config.batch_size))
     if info.is_main:
         prepare_dirs(config, targets)
     model = load_model(config, num_classes)
@@ -314,12 +341,14 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     stats = reuse_statistics(config, model, meta, statistics_path(config))
     if stats is not None and info.is_main:
         print(f"statistics: reusing {statistics_path(config)} ({stats.num_images} images)", flush=True)
-    stats = stats or gather_statistics(config, model, train_plain, layers, meta, info)
+    stats = stats or gather_statistics(config, model, train_plain, graph, layers, meta, info)
     masks = {target: masks_for(config, target, model, stats, graph, units) for target in targets}
     results = None
     if info.is_main:
         dense_costs = measure(model, (3, config.input_size, config.input_size))
-        points = [slim_point(t, model, m, dense_costs, config.input_size) for t, m in masks.items()]
+        recal = (make_loader(train_plain, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed),
+                 recal_batches)
+        points = [slim_point(t, model, m, dense_costs, config.input_size, recal) for t, m in masks.items()]
         results = write_results(config, points, model, num_classes)
     barrier()
     return results

@@ -14,6 +14,7 @@ from torch import nn
 from .flops import keep_vectors, macs_of
 from .graph import ModelGraph, following_batchnorms
 from .groups import Unit
+from .ranking import cost_weighted, normalize
 
 Keep = Dict[str, torch.Tensor]
 Scores = Dict[str, torch.Tensor]
@@ -251,14 +252,28 @@ def expand_units(units: Dict[str, Unit], unit_keep: Keep, sizes: Dict[str, int])
     return keep
 
 
+def group_costs(graph: ModelGraph, units: Dict[str, Unit], sizes: Dict[str, int],
+                convention: str = "conv-linear") -> Dict[str, float]:
+    """MACs removed with one group of each unit (its filters, their BN channels, the consumers' inputs)."""
+    dense = macs_of(graph, {}, convention)
+    costs = {}
+    for name, unit in units.items():
+        keep = torch.ones(len(unit.groups), dtype=torch.bool)
+        keep[0] = False
+        costs[name] = float(dense - macs_of(graph, unit.expand(keep, sizes), convention))
+    return costs
+
+
 def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
            sparsity: Optional[float] = None, flops_reduction: Optional[float] = None,
            graph: Optional[ModelGraph] = None, max_layer_sparsity: Optional[float] = None,
            convention: str = "conv-linear", fixed: Optional[Keep] = None,
-           units: Optional[Dict[str, Unit]] = None, round_to: Optional[int] = None) -> Tuple[Keep, float]:
+           units: Optional[Dict[str, Unit]] = None, round_to: Optional[int] = None,
+           normalization: str = "none", cost_power: float = 0.0) -> Tuple[Keep, float]:
     """Kept filters per conv for a target: ``sparsity`` (fraction of the ranked filters or groups) or
     ``flops_reduction``. ``units`` couples channels across convs (``groups.coupled_units``); by
-    default each conv is its own unit. Returns (selection, pruning fraction used).
+    default each conv is its own unit. ``normalization`` and ``cost_power`` make units' scores
+    comparable before the global ranking (``ranking``). Returns (selection, pruning fraction used).
     """
     if (sparsity is None) == (flops_reduction is None):
         raise ValueError("give exactly one of sparsity and flops_reduction")
@@ -269,6 +284,11 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
     sizes = {name: s.numel() for name, s in scores.items()}
     units = units or {n: Unit(convs=[n], groups=[[(n, k)] for k in range(sizes[n])]) for n in scores}
     u_scores, u_tie = unit_scores(units, scores, tiebreak)
+    u_scores = normalize(u_scores, normalization)
+    if cost_power:
+        if graph is None:
+            raise ValueError("cost_power > 0 needs the model graph to count each filter's MACs")
+        u_scores = cost_weighted(u_scores, group_costs(graph, units, sizes, convention), cost_power)
     pick_units = selector(method, u_scores, u_tie, max_layer_sparsity)
 
     def pick(p: float) -> Keep:

@@ -34,6 +34,8 @@ from torch.optim.lr_scheduler import ConstantLR
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_open, ensure_writable_dir, load_state_dict_strict, save_atomic
+from .pretrained import load_pretrained
+from .recalibrate import check_batches, recalibrate_batchnorm
 from .data import Splits, cifar_datasets, digits_datasets, make_loader, sample_loader
 from .distributed import parse_device
 from .flops import CONVENTIONS, keep_vectors
@@ -47,6 +49,8 @@ from .retrain import EpochTaggedSampler, SeededAugmentation, load_pruned_checkpo
 from .groups import Unit
 from .scope import SCOPES, prunable_units, unit_convs
 from .scores import scores_from_statistics, statistics_kinds
+from .sites import read_points
+from .variants import resolve_variant
 from .slim import slim
 from .statistics import Statistics, collect_statistics
 from .train import build_optimizer, build_scheduler, evaluate, fit, seed_everything, train_one_epoch
@@ -81,6 +85,10 @@ class PruneConfig:
     round_to: Optional[int] = None
     cdp_mode: str = "classwise"
     coe: Optional[float] = None
+    published: bool = False
+    site: Optional[str] = None
+    normalize: Optional[str] = None
+    cost_power: Optional[float] = None
     sparsity: Optional[float] = None
     flops_reduction: Optional[float] = None
     flops_convention: str = "conv-linear"
@@ -92,6 +100,7 @@ class PruneConfig:
     wd: float = 5e-4
     schedule: str = "cosine"
     layerwise_retrain: int = 0
+    bn_recalibrate: Optional[int] = None
     seed: int = 0
     save_dir: Optional[str] = None
     resume: bool = False
@@ -110,6 +119,8 @@ def defaults(config: PruneConfig) -> Dict[str, Any]:
         out.update(workers=0, baseline_epochs=6, epochs=6, batch_size=64)
         if config.sparsity is None and config.flops_reduction is None:
             out["flops_reduction"] = DIGITS_FLOPS_REDUCTION
+    variant = resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power)
+    out.update(site=variant.site, normalize=variant.normalize, cost_power=variant.cost_power)
     out["save_dir"] = (f"runs/{config.dataset}_{config.model or out['model']}_{config.method}"
                        f"_seed{config.seed}")
     return out
@@ -181,7 +192,8 @@ def baseline_path(config: PruneConfig) -> Path:
 def load_baseline(config: PruneConfig, model: nn.Module) -> bool:
     """Load ``--pretrained_dir`` (or the cached baseline) strictly into ``model``; False when one must be trained."""
     if config.pretrained_dir:
-        load_state_dict_strict(model, config.pretrained_dir, what="--pretrained_dir")
+        layout = load_pretrained(model, config.pretrained_dir, what="--pretrained_dir")
+        print(f"baseline: {config.pretrained_dir} loaded ({layout} layout)", flush=True)
         return True
     path = baseline_path(config)
     if path.exists():
@@ -202,6 +214,9 @@ def load_statistics(config: PruneConfig, model: nn.Module) -> Optional[Statistic
     stats = Statistics.load(str(path), model)
     for kind in statistics_kinds(config.method, config.cdp_mode):
         stats.require(kind)
+    if stats.meta.get("site", "conv") != config.site:
+        raise ValueError(f"--statistics_file {str(path)!r} read feature maps at site {stats.meta.get('site', 'conv')!r}, "
+                         f"this run reads them at {config.site!r}; use another file or --site")
     return stats
 
 
@@ -248,15 +263,17 @@ def train_baseline(config: PruneConfig, model: nn.Module, loaders: Tuple[DataLoa
                 baseline_path(config))
 
 
-def gather_statistics(config: PruneConfig, model: nn.Module, dataset: Dataset, layers, device: torch.device
-                      ) -> Statistics:
-    """Statistics over a seeded sample of un-augmented training images; written to ``--statistics_file`` if set."""
+def gather_statistics(config: PruneConfig, model: nn.Module, dataset: Dataset, graph: ModelGraph, layers,
+                      device: torch.device) -> Statistics:
+    """Statistics at ``config.site`` over a seeded sample of un-augmented training images; written to
+    ``--statistics_file`` if set."""
     loader = sample_loader(dataset, config.batch_size, config.stop_batch, config.seed, config.workers)
     stats = collect_statistics(
         model, loader, layers, statistics_kinds(config.method, config.cdp_mode),
         num_classes=num_classes_for(config.dataset), stop_batch=config.stop_batch, device=device,
-        dummy_input=_dummy(config), meta={"model": config.model, "dataset": config.dataset, "seed": config.seed,
-                                          "stop_batch": config.stop_batch})
+        dummy_input=_dummy(config), read_at=read_points(graph, layers, config.site),
+        meta={"model": config.model, "dataset": config.dataset, "seed": config.seed,
+              "stop_batch": config.stop_batch, "site": config.site})
     if config.statistics_file:
         stats.save(config.statistics_file)
     return stats
@@ -268,7 +285,8 @@ def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph
     scores, tiebreak = scores_from_statistics(stats, config.method, config.cdp_mode, config.coe, unit_convs(units))
     keep, _ = select(config.method, scores, tiebreak, sparsity=config.sparsity,
                      flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
-                     units=units, round_to=config.round_to)
+                     units=units, round_to=config.round_to, normalization=config.normalize,
+                     cost_power=config.cost_power)
     return to_nni_masks(model, keep)
 
 
@@ -307,13 +325,20 @@ def prune(config: PruneConfig, baseline: nn.Module, stats: Optional[Statistics],
     seed_everything(config.seed)
     graph = trace(baseline, _dummy(config))
     units = prunable_units(graph, config.scope)
-    stats = stats or gather_statistics(config, baseline, plain_train, unit_convs(units), device)
+    stats = stats or gather_statistics(config, baseline, plain_train, graph, unit_convs(units), device)
     model = copy.deepcopy(baseline).cpu()
     masks = choose_masks(config, model, stats, graph, units)
     if config.layerwise_retrain:
         layerwise_retrain(config, model.to(device), masks, graph, loader, device)
     slim(model.cpu().eval(), masks, _dummy(config))
     return model.to(device), masks
+
+
+def recalibrate(config: PruneConfig, model: nn.Module, plain_train: Dataset, batches: int,
+                device: torch.device) -> None:
+    """Re-estimate the pruned network's BatchNorm statistics on ``batches`` seeded batches of plain training images."""
+    loader = make_loader(plain_train, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed)
+    recalibrate_batchnorm(model, loader, batches, device)
 
 
 def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, save_dir: Path
@@ -349,6 +374,7 @@ class Session:
     baseline: nn.Module
     baseline_top1: float
     stats: Optional[Statistics]
+    recal_batches: int
 
 
 def open_session(config: PruneConfig, record: Callable[[Path], None]) -> Session:
@@ -356,6 +382,7 @@ def open_session(config: PruneConfig, record: Callable[[Path], None]) -> Session
     device = check(config)
     seed_everything(config.seed)
     splits = load_splits(config)
+    recal_batches = check_batches(config.bn_recalibrate, -(-len(splits[1]) // config.batch_size))
     baseline = build_model(config.model, config.dataset)
     have_baseline = load_baseline(config, baseline)
     stats = load_statistics(config, baseline)
@@ -370,7 +397,7 @@ def open_session(config: PruneConfig, record: Callable[[Path], None]) -> Session
         train_baseline(config, baseline, loaders, device, save_dir)
     baseline_top1 = evaluate(baseline, loaders[1], device)["top1"]
     print(f"baseline top-1: {baseline_top1:.2f}%", flush=True)
-    return Session(device, splits, loaders, baseline, baseline_top1, stats)
+    return Session(device, splits, loaders, baseline, baseline_top1, stats, recal_batches)
 
 
 def run_point(config: PruneConfig, session: Session, started: float,
@@ -387,11 +414,17 @@ def run_point(config: PruneConfig, session: Session, started: float,
                              asdict(config))
     costs = report(config, session.baseline, model, masks, save_dir)
     pruned_top1 = evaluate(model, loaders[1], device)["top1"]
-    print(f"pruned top-1 before fine-tuning: {pruned_top1:.2f}%", flush=True)
+    print(f"pruned top-1 right after pruning: {pruned_top1:.2f}%", flush=True)
+    accuracies = {"baseline_top1": session.baseline_top1, "pruned_top1_before_finetune": pruned_top1,
+                  "pruned_top1_recalibrated": None}
+    if session.recal_batches:
+        recalibrate(config, model, session.splits[1], session.recal_batches, device)
+        accuracies["pruned_top1_recalibrated"] = evaluate(model, loaders[1], device)["top1"]
+        print(f"pruned top-1 after BatchNorm re-estimation on {session.recal_batches} batches: "
+              f"{accuracies['pruned_top1_recalibrated']:.2f}%", flush=True)
     log = finetune(config, model, masks, loaders, device, save_dir, on_epoch_end)
-    summary = summarize(config, masks, costs, {"baseline_top1": session.baseline_top1,
-                                               "pruned_top1_before_finetune": pruned_top1},
-                        log, time.perf_counter() - started)
+    summary = summarize(config, masks, costs, {**accuracies, "bn_recalibrate": session.recal_batches}, log,
+                        time.perf_counter() - started)
     write_summary(summary, save_dir)
     print("Summary\n" + json.dumps(summary, indent=2), flush=True)
     return summary
@@ -422,7 +455,7 @@ def sweep(config: PruneConfig, targets: Sequence[float]) -> pd.DataFrame:
     seed_everything(config.seed)
     graph = trace(session.baseline, _dummy(config))
     layers = unit_convs(prunable_units(graph, config.scope))
-    session.stats = session.stats or gather_statistics(config, session.baseline, session.splits[1], layers,
+    session.stats = session.stats or gather_statistics(config, session.baseline, session.splits[1], graph, layers,
                                                        session.device)
     scores, _ = scores_from_statistics(session.stats, config.method, config.cdp_mode, config.coe, layers)
     rows = [sweep_point(replace(config, **{key: t}, save_dir=str(Path(config.save_dir) / f"point_{t:g}")),
@@ -463,7 +496,11 @@ def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies
               log: pd.DataFrame, seconds: float) -> Dict[str, Any]:
     """The run's results as one flat record (accuracies in percent; the pruned one is the last epoch's)."""
     return {"model": config.model, "dataset": config.dataset, "method": config.method, "scope": config.scope,
-            "cdp_mode": config.cdp_mode if config.method == "cdp" else None, "sparsity": config.sparsity,
+            "cdp_mode": config.cdp_mode if config.method == "cdp" else None,
+            "variant": resolve_variant(config.method, config.published, config.site, config.normalize,
+                                       config.cost_power).label(config.method),
+            "site": config.site, "normalize": config.normalize, "cost_power": config.cost_power,
+            "sparsity": config.sparsity,
             "flops_reduction": config.flops_reduction,
             "filters_removed_pct": 100.0 * removed_fraction(keep_vectors(masks)), **accuracies,
             "pruned_top1": log.attrs["final_top1"], "best_top1": log.attrs["best_top1"],

@@ -12,6 +12,8 @@ loop only feeds batches: nothing trains). ``scope="internal"`` (default)
 ranks the block-internal convs both papers prune; ``scope="all"`` ranks every
 conv, channels that meet in an addition as one group (``groups.py``).
 Config entries select within the scope; each entry is one global ranking.
+The criterion variant (``site``, ``normalize``, ``cost_power``) defaults to
+the one shipped for the method; ``published=True`` gives the paper's.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from .graph import trace
 from .masks import check_fraction, select, to_nni_masks
 from .scope import prunable_units, resolve_config_list
 from .scores import scores_from_statistics, statistics_kinds
+from .sites import read_points
 from .statistics import Statistics, collect_statistics, _split_batch
+from .variants import resolve_variant
 
 
 class _StatisticsPruner(Pruner):
@@ -39,13 +43,15 @@ class _StatisticsPruner(Pruner):
                  statistics: Optional[Statistics] = None, num_classes: Optional[int] = None,
                  flops_reduction: Optional[float] = None, flops_convention: str = "conv-linear",
                  max_layer_sparsity: Optional[float] = None, memory_budget_gb: Optional[float] = None,
-                 scope: str = "internal", round_to: Optional[int] = None,
+                 scope: str = "internal", round_to: Optional[int] = None, published: bool = False,
+                 site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
                  progress: bool = True, existed_wrappers=None, **method_options):
         self.data, self.stop_batch, self.statistics = data, stop_batch, statistics
         self.num_classes, self.memory_budget_gb, self.progress = num_classes, memory_budget_gb, progress
         self.flops_reduction, self.flops_convention = flops_reduction, flops_convention
         self.max_layer_sparsity, self.method_options = max_layer_sparsity, method_options
         self.round_to = round_to
+        self.variant = resolve_variant(self.method, published, site, normalize, cost_power)
         statistics_kinds(self.method, method_options.get("cdp_mode", "classwise"))
         if data is None and statistics is None:
             raise ValueError(f"{type(self).__name__} needs data (a DataLoader or an NNI evaluator) "
@@ -103,7 +109,8 @@ class _StatisticsPruner(Pruner):
             return collect_statistics(
                 self.bound_model, self.data, self.layers, kinds, num_classes=self.num_classes,
                 stop_batch=self.stop_batch, memory_budget_gb=self.memory_budget_gb,
-                dummy_input=self.dummy_input, progress=self.progress)
+                dummy_input=self.dummy_input, progress=self.progress,
+                read_at=read_points(self.graph, self.layers, self.variant.site), meta={"site": self.variant.site})
         finally:
             if wrapped:
                 self.wrap_model()
@@ -124,7 +131,8 @@ class _StatisticsPruner(Pruner):
             keep, _ = select(self.method, part, tie, sparsity=None if self.flops_reduction else g.sparse_ratio,
                              flops_reduction=self.flops_reduction, graph=self.graph,
                              max_layer_sparsity=cap, convention=self.flops_convention,
-                             units={n: self.units[n] for n in g.names}, round_to=self.round_to)
+                             units={n: self.units[n] for n in g.names}, round_to=self.round_to,
+                             normalization=self.variant.normalize, cost_power=self.variant.cost_power)
             self.keep.update(keep)
         self.update_masks(to_nni_masks(self._convs, self.keep))
 

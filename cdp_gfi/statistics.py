@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -132,17 +132,28 @@ def infer_num_classes(model: nn.Module) -> int:
 class _Accumulator:
     """Forward hooks that add one layer set's outputs into running sums."""
 
-    def __init__(self, model, layers, kinds, gfi_layers, num_classes, device):
+    def __init__(self, model, layers, kinds, gfi_layers, num_classes, device, read_at=None):
         self.kinds, self.gfi_layers, self.k = set(kinds), set(gfi_layers), num_classes
         self.labels: Optional[torch.Tensor] = None
         self.cdp_class, self.cdp_sample, self.gfi_sums = {}, {n: [] for n in layers}, {}
         self.device = device
         modules = dict(model.named_modules())
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in layers]
+        self.handles = []
+        for n in layers:
+            module_name, where = (read_at or {}).get(n, (n, "output"))
+            channels = modules[n].out_channels
+            if where == "input":
+                hook = self._hook(n, channels)
+                self.handles.append(modules[module_name].register_forward_pre_hook(
+                    lambda m, inputs, hook=hook: hook(m, None, inputs[0])))
+            else:
+                self.handles.append(modules[module_name].register_forward_hook(self._hook(n, channels)))
 
-    def _hook(self, name):
+    def _hook(self, name, channels):
         def hook(_module, _inputs, out):
             out = out.detach().float()
+            if out.dim() == 2:  # a linear's flattened input: channel-major positions
+                out = out.view(out.shape[0], channels, -1, 1)
             if self.kinds & {"cdp_class", "cdp_sample"}:
                 a = out.clamp_min(0).mean(dim=(2, 3))
                 if "cdp_class" in self.kinds:
@@ -192,8 +203,12 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
                        kinds: Sequence[str] = ("cdp_class",), *, num_classes: Optional[int] = None,
                        stop_batch: Optional[int] = None, memory_budget_gb: Optional[float] = None,
                        device: Optional[torch.device] = None, dummy_input: Optional[torch.Tensor] = None,
-                       progress: bool = True, meta: Optional[dict] = None) -> Statistics:
+                       progress: bool = True, meta: Optional[dict] = None,
+                       read_at: Optional[Mapping[str, Tuple[str, str]]] = None) -> Statistics:
     """Run ``data`` through ``model`` (eval, no_grad) and gather ``kinds`` for ``layers``.
+
+    ``read_at`` maps a layer to the (module, "output" | "input") whose tensor
+    its statistics read (``sites.read_points``); by default the conv's output.
 
     ``data`` is an iterable of batches (a DataLoader) or an NNI Evaluator,
     whose training loop then only feeds batches (see ``drive_evaluator``).
@@ -229,7 +244,7 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
         for i, gfi_layers in enumerate(gfi_passes):
             rng.restore()
             pass_kinds = [x for x in kinds if x != "gfi" or gfi_layers] if i == 0 else ["gfi"]
-            acc = _Accumulator(model, layers if i == 0 else gfi_layers, pass_kinds, gfi_layers, k, device)
+            acc = _Accumulator(model, layers if i == 0 else gfi_layers, pass_kinds, gfi_layers, k, device, read_at)
             try:
                 counts, n_images = _run_pass(model, data, acc, stop_batch, device, needs_labels, k,
                                              progress, desc=f"statistics {i + 1}/{len(gfi_passes)}")

@@ -39,6 +39,7 @@ TUNABLE: Dict[str, type] = {
     "method": str, "cdp_mode": str, "coe": float, "sparsity": float, "flops_reduction": float,
     "flops_convention": str, "lr": float, "momentum": float, "wd": float, "epochs": int, "schedule": str,
     "layerwise_retrain": int, "stop_batch": int, "batch_size": int, "baseline_epochs": int, "seed": int,
+    "site": str, "normalize": str, "cost_power": float, "bn_recalibrate": int,
 }
 TARGETS = ("sparsity", "flops_reduction")
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
@@ -93,7 +94,7 @@ def statistics_file(config: PruneConfig, directory: str) -> Path:
     """The statistics file every trial of this model, data, seed, sample and method shares."""
     mode = f"_{config.cdp_mode}" if config.method == "cdp" else ""
     return Path(directory) / (f"stats_{config.dataset}_{config.model}_seed{config.seed}_b{config.stop_batch}"
-                              f"_{config.method}{mode}.pt")
+                              f"_{config.method}{mode}_{config.site}.pt")
 
 
 def trial_config(args: argparse.Namespace, params: Mapping[str, Any]) -> PruneConfig:

@@ -81,6 +81,8 @@ def test_cifar_run_writes_reports_checkpoints_and_summary(cifar_run, cifar_root)
     assert list(log["epoch"]) == [1, 2, 3] and summary["pruned_top1"] == pytest.approx(log["test_top1"].iloc[-1])
     assert summary["macs_reduction_pct"] == pytest.approx(costs.loc[0, "macs_reduction_pct"])
     assert summary["method"] == "cdp" and summary["sparsity"] == 0.3 and summary["wall_time_s"] > 0
+    assert summary["bn_recalibrate"] == 5  # the default 20 batches, capped by the 150-image training set
+    assert 0 <= summary["pruned_top1_before_finetune"] <= 100 and 0 <= summary["pruned_top1_recalibrated"] <= 100
 
 
 def test_checkpoint_reloads_with_plain_torch(cifar_run, cifar_root):
@@ -242,7 +244,10 @@ BAD_INPUT = {
     "empty dataroot": (lambda t, a: a + ["--dataroot", str(_empty_dir(t / "empty"))],
                        "has no cifar-10-batches-py/ folder"),
     "mismatched checkpoint": (lambda t, a: a + ["--pretrained_dir", str(_wrong_model(t / "r32.pth"))],
-                              "unexpected keys: layer1.3.conv1.weight"),
+                              "unused in file: layer1.3.conv1.weight"),
+    "negative BN re-estimation": (lambda t, a: a + ["--bn_recalibrate", "-1"], "--bn_recalibrate must be an integer >= 0"),
+    "BN re-estimation beyond the data": (lambda t, a: a + ["--bn_recalibrate", "6"],
+                                         "--bn_recalibrate 6 asks for more batches than the training set gives (5"),
     "corrupt checkpoint": (lambda t, a: a + ["--pretrained_dir", str(_write(t / "bad.pth", b"\x80not a zip"))],
                            "is corrupt or not a torch checkpoint"),
     "both targets": (lambda t, a: a + ["--flops_reduction", "0.4"], "exactly one of --sparsity and --flops_reduction"),

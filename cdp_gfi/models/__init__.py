@@ -23,7 +23,7 @@ _DATASET_SPECS: dict[str, tuple[int, int]] = {
 DATASETS: tuple[str, ...] = tuple(_DATASET_SPECS)
 
 CIFAR_MODELS: tuple[str, ...] = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                                 "vgg11", "vgg13", "vgg16", "vgg19")
+                                 "vgg11", "vgg13", "vgg16", "vgg19", "vgg16_cdp")
 IMAGENET_MODELS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                                     "vgg11", "vgg13", "vgg16", "vgg19")
 MODEL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(CIFAR_MODELS + IMAGENET_MODELS))

@@ -1,7 +1,9 @@
 """CIFAR VGGs with BatchNorm: 3x3 convs in `features` (32x32 -> 512x1x1) and a 512-512-classes head.
 
 This is the layout behind the VGG-16 CIFAR baseline of 313.73M MACs; no dropout,
-so the module list matches what FLOP counters and pruners see.
+so the module list matches what FLOP counters and pruners see. ``vgg16_cdp``
+is the CDP authors' VGG-16 (convs without bias, the last max-pool replaced by
+a 2x2 average pool, a 512-classes head), so their published weights load.
 """
 from __future__ import annotations
 
@@ -22,27 +24,31 @@ CFGS: dict[str, list[Union[int, str]]] = {
 class CifarVGG(nn.Module):
     """VGG for 32x32 inputs: conv-BN-ReLU stacks with 2x2 max-pools, then three linear layers."""
 
-    def __init__(self, cfg: Sequence[Union[int, str]], num_classes: int = 10) -> None:
+    def __init__(self, cfg: Sequence[Union[int, str]], num_classes: int = 10, conv_bias: bool = True,
+                 hidden: Sequence[int] = (512, 512)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_channels = 3
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
+            elif v == "A":
+                layers.append(nn.AvgPool2d(2))
             else:
-                layers += [nn.Conv2d(in_channels, int(v), 3, padding=1),
+                layers += [nn.Conv2d(in_channels, int(v), 3, padding=1, bias=conv_bias),
                            nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
                 in_channels = int(v)
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(
-            nn.Linear(in_channels, 512), nn.ReLU(inplace=True),
-            nn.Linear(512, 512), nn.ReLU(inplace=True),
-            nn.Linear(512, num_classes),
-        )
+        head: list[nn.Module] = []
+        for width in hidden:
+            head += [nn.Linear(in_channels, width), nn.ReLU(inplace=True)]
+            in_channels = width
+        self.classifier = nn.Sequential(*head, nn.Linear(in_channels, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -52,7 +58,9 @@ class CifarVGG(nn.Module):
 
 
 def cifar_vgg(name: str, num_classes: int = 10) -> CifarVGG:
-    """Build `vgg11`, `vgg13`, `vgg16` or `vgg19` for CIFAR-sized inputs."""
+    """Build `vgg11`, `vgg13`, `vgg16`, `vgg19` or the CDP authors' `vgg16_cdp` for CIFAR-sized inputs."""
+    if name == "vgg16_cdp":
+        return CifarVGG([*CFGS["vgg16"][:-1], "A"], num_classes, conv_bias=False, hidden=(512,))
     if name not in CFGS:
-        raise ValueError(f"unknown CIFAR VGG {name!r}; expected one of {sorted(CFGS)}")
+        raise ValueError(f"unknown CIFAR VGG {name!r}; expected one of {sorted(CFGS) + ['vgg16_cdp']}")
     return CifarVGG(CFGS[name], num_classes)

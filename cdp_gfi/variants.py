@@ -1,0 +1,60 @@
+"""The published CDP and GFI-AP, and the variants this package ships as defaults.
+
+A variant keeps its paper's criterion (CDP: TF-IDF of sampled activations and
+labels; GFI-AP: max over classes of mean |class-mean map|) and changes three
+things around it, each a named option (docs/algorithms.md has the numbers):
+
+- ``site``: where feature maps are read (``sites.SITES``; published ``conv``);
+- ``normalize``: how each layer's scores are rescaled before the one global
+  ranking (``ranking.NORMALIZATIONS``; published ``none``);
+- ``cost_power``: how much a filter's MACs count against it (published 0).
+
+``published=True`` selects the papers' definitions; options given explicitly
+override either preset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from .ranking import NORMALIZATIONS
+from .sites import SITES
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Where statistics are read, how layers' scores are normalised, how MACs weigh in."""
+
+    site: str = "conv"
+    normalize: str = "none"
+    cost_power: float = 0.0
+
+    def label(self, method: str) -> str:
+        """A short name such as ``cdp[input,rank,cost0.5]``, ``cdp[published]`` for the papers' own."""
+        name = "gfi-ap" if method == "gfi" else method
+        if self == PUBLISHED[method]:
+            return f"{name}[published]"
+        return f"{name}[{self.site},{self.normalize},cost{self.cost_power:g}]"
+
+
+PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant()}
+DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 0.0), "gfi": Variant("conv", "none", 0.0)}
+
+
+def resolve_variant(method: str, published: bool = False, site: Optional[str] = None,
+                    normalize: Optional[str] = None, cost_power: Optional[float] = None) -> Variant:
+    """The variant a run uses: the published or default preset of ``method``, with explicit options on top."""
+    presets = PUBLISHED if published else DEFAULTS
+    if method not in presets:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(presets)}")
+    base = presets[method]
+    variant = Variant(site if site is not None else base.site,
+                      normalize if normalize is not None else base.normalize,
+                      float(cost_power) if cost_power is not None else base.cost_power)
+    if variant.site not in SITES:
+        raise ValueError(f"--site must be one of {SITES}, got {variant.site!r}")
+    if variant.normalize not in NORMALIZATIONS:
+        raise ValueError(f"--normalize must be one of {NORMALIZATIONS}, got {variant.normalize!r}")
+    if not variant.cost_power >= 0:
+        raise ValueError(f"--cost_power must be >= 0, got {variant.cost_power}")
+    return variant
