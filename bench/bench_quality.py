@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -59,22 +59,13 @@ STATS_BATCHES = 20
 RECAL_BATCHES = 20
 
 
-@dataclass(frozen=True)
-class Ours:
-    """One of our rows: method, CDP documents, variant."""
-
-    method: str
-    cdp_mode: str
-    variant: Variant
-
-
-OURS: Dict[str, Ours] = {
-    "cdp": Ours("cdp", "classwise", DEFAULTS["cdp"]),
-    "gfi-ap": Ours("gfi", "classwise", DEFAULTS["gfi"]),
-    "cdp-sample": Ours("cdp", "sample", DEFAULTS["cdp"]),
-    "cdp[published]": Ours("cdp", "classwise", PUBLISHED["cdp"]),
-    "cdp-sample[published]": Ours("cdp", "sample", PUBLISHED["cdp"]),
-    "gfi-ap[published]": Ours("gfi", "classwise", PUBLISHED["gfi"]),
+OURS: Dict[str, Tuple[str, Variant]] = {
+    "cdp": ("cdp", DEFAULTS["cdp"]),
+    "gfi-ap": ("gfi", DEFAULTS["gfi"]),
+    "cdp-classwise": ("cdp", replace(DEFAULTS["cdp"], cdp_mode="classwise")),
+    "cdp[published]": ("cdp", PUBLISHED["cdp"]),
+    "cdp-sample[published]": ("cdp", replace(PUBLISHED["cdp"], cdp_mode="sample")),
+    "gfi-ap[published]": ("gfi", PUBLISHED["gfi"]),
 }
 OTHERS = ("nni-l1", "nni-fpgm", "nni-taylor", "tp-global", "tp-layer", "random")
 METHODS = (*OURS, *OTHERS)
@@ -110,11 +101,11 @@ class Bench:
     def pruned(self, method: str, target: float) -> nn.Module:
         """The dense net pruned by ``method`` to remove ``target`` of its conv+linear MACs, slimmed."""
         if method in OURS:
-            ours = OURS[method]
-            stats = self.statistics(ours.variant.site)
-            scores, tie = scores_from_statistics(stats, ours.method, ours.cdp_mode, None, self.scope)
-            keep, _ = select(ours.method, scores, tie, flops_reduction=target, graph=self.graph,
-                             normalization=ours.variant.normalize, cost_power=ours.variant.cost_power)
+            kind, variant = OURS[method]
+            stats = self.statistics(variant.site)
+            scores, tie = scores_from_statistics(stats, kind, variant.cdp_mode, None, self.scope)
+            keep, _ = select(kind, scores, tie, flops_reduction=target, graph=self.graph,
+                             normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule)
             return competitors.slimmed(self.base, to_nni_masks(self.base, keep), SIZE)
         if method.startswith("tp-"):
             return competitors.tp_at_macs(self.base, self.scope, target, SIZE, method == "tp-global")[0]

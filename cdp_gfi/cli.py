@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .checkpoint import CheckpointError
+from .masks import RULES
 from .ranking import NORMALIZATIONS
 from .sites import SITES
 
@@ -17,8 +18,8 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
     a("--scope", choices=("internal", "all"), default="internal",
       help="prune block-internal convs (the papers', default) or all, residual streams as coupled groups")
     a("--round_to", type=int, metavar="N", help="keep a multiple of N filters (or groups) per layer or unit")
-    a("--cdp_mode", choices=("classwise", "sample"), default="classwise",
-      help="CDP documents: classes (the paper's, default) or images (the authors' code)")
+    a("--cdp_mode", choices=("classwise", "sample"),
+      help="CDP documents: classes (the paper's) or images (the authors' code; our default)")
     a("--coe", type=float, help="CDP layer rescaling b = 1 + ln(C / coe); 0 or unset: b = 1")
     a("--published", action="store_true",
       help="the papers' own definitions (site conv, normalize none, cost_power 0) instead of our defaults")
@@ -28,6 +29,8 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
       help="rescale each layer's scores before the global ranking: none (the papers'), mean, max, rank")
     a("--cost_power", type=float, metavar="P",
       help="divide scores by (MACs of one filter / mean)^P: expensive filters must earn their place (papers: 0)")
+    a("--rule", choices=RULES, help="selection: global (one ranking, CDP's) or adaptive (GFI-AP's threshold with "
+                                    "its per-layer cap (1+p)/2; our default for both)")
 
 
 def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ Files (only rank 0 writes):
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +42,7 @@ from .models import IMAGENET_MODELS, build_model
 from .pipeline import PruneConfig, choose_masks
 from .pretrained import load_pretrained
 from .sites import read_points
-from .variants import Variant, resolve_variant
+from .variants import resolve_variant
 from .recalibrate import check_batches, recalibrate_batchnorm
 from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
 from .retrain import SLIM_DUMMY_SIZE, ShardSampler, _resolve_device, save_masks_checkpoint, save_slim_checkpoint
@@ -72,12 +72,13 @@ class Stage1Config:
     method: str = "cdp"
     scope: str = "internal"
     round_to: Optional[int] = None
-    cdp_mode: str = "classwise"
+    cdp_mode: Optional[str] = None
     coe: Optional[float] = None
     published: bool = False
     site: Optional[str] = None
     normalize: Optional[str] = None
     cost_power: Optional[float] = None
+    rule: Optional[str] = None
     sparsity: Tuple[float, ...] = ()
     flops_reduction: Tuple[float, ...] = ()
     flops_convention: str = "conv-linear"
@@ -156,7 +157,6 @@ def check(config: Stage1Config) -> List[Target]:
     if config.model not in IMAGENET_MODELS:
         raise ValueError(f"--model {config.model!r} is not one of {list(IMAGENET_MODELS)}")
     statistics_kinds(config.method, config.cdp_mode)
-    variant_of(config)
     targets = targets_of(config)
     if config.flops_convention not in CONVENTIONS:
         raise ValueError(f"--flops_convention must be one of {CONVENTIONS}, got {config.flops_convention!r}")
@@ -213,7 +213,7 @@ def sampling_meta(config: Stage1Config, model: nn.Module, num_classes: int) -> D
     """What the statistics depend on besides the method (stored in the file, compared on reuse)."""
     return {"model": config.model, "num_classes": num_classes, "weights_checksum": weights_checksum(model),
             "stop_batch": config.stop_batch, "batch_size": config.batch_size, "seed": config.seed,
-            "input_size": config.input_size, "site": variant_of(config).site}
+            "input_size": config.input_size, "site": config.site}
 
 
 def reuse_statistics(config: Stage1Config, model: nn.Module, meta: Dict[str, Any], path: Path
@@ -268,17 +268,19 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
 def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Statistics, graph: ModelGraph,
               units: Dict[str, Unit]) -> Masks:
     """NNI masks for one target, chosen by the CIFAR pipeline's scoring and global selection."""
-    variant = variant_of(config)
     prune_config = PruneConfig(method=config.method, cdp_mode=config.cdp_mode, coe=config.coe,
-                               scope=config.scope, round_to=config.round_to, site=variant.site,
-                               normalize=variant.normalize, cost_power=variant.cost_power,
+                               scope=config.scope, round_to=config.round_to, site=config.site,
+                               normalize=config.normalize, cost_power=config.cost_power, rule=config.rule,
                                flops_convention=config.flops_convention, **{target.kind: target.value})
     return choose_masks(prune_config, model, stats, graph, units)
 
 
-def variant_of(config: Stage1Config) -> Variant:
-    """The criterion variant of the run: published or default preset, explicit flags on top."""
-    return resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power)
+def with_variant(config: Stage1Config) -> Stage1Config:
+    """``config`` with the criterion variant filled in: published or default preset, explicit flags on top."""
+    v = resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power,
+                        config.rule, config.cdp_mode)
+    return replace(config, site=v.site, normalize=v.normalize, cost_power=v.cost_power, rule=v.rule,
+                   cdp_mode=v.cdp_mode)
 
 
 def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Costs, input_size: int,
@@ -326,6 +328,7 @@ def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Modul
 
 def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     """The whole stage (see the module docstring); returns the results table on rank 0, None elsewhere."""
+    config = with_variant(config)
     targets = check(config)
     info = _resolve_device(config)
     _, train_plain, _ = imagenet_datasets(config.dataroot, config.input_size)

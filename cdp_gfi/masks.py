@@ -103,11 +103,22 @@ def _check_not_empty(keep: Keep) -> None:
             "(max_layer_sparsity / NNI's max_sparse_ratio)")
 
 
-def selector(method: str, scores: Scores, tiebreak: Optional[Scores] = None,
+RULES = ("global", "adaptive")
+
+
+def default_rule(method: str) -> str:
+    """Each paper's own selection: CDP one global ranking, GFI-AP the adaptive threshold with its cap."""
+    return "adaptive" if method == "gfi" else "global"
+
+
+def selector(rule: str, scores: Scores, tiebreak: Optional[Scores] = None,
              max_layer_sparsity: Optional[float] = None) -> Callable[[float], Keep]:
-    """A function from pruning fraction p (of prunable filters) to a selection, per method."""
+    """A function from pruning fraction p (of prunable filters) to a selection: ``global`` removes exactly
+    p of them in one ranking; ``adaptive`` is GFI-AP's threshold with the per-layer cap (1 + p) / 2."""
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {RULES}")
     total = sum(s.numel() for s in scores.values())
-    if method == "gfi":
+    if rule == "adaptive":
         return lambda p: select_by_threshold(scores, p, max_layer_sparsity)
     order = removal_order(scores, tiebreak)
     return lambda p: select_by_count(scores, round(p * total), tiebreak, max_layer_sparsity, order)
@@ -269,11 +280,12 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
            graph: Optional[ModelGraph] = None, max_layer_sparsity: Optional[float] = None,
            convention: str = "conv-linear", fixed: Optional[Keep] = None,
            units: Optional[Dict[str, Unit]] = None, round_to: Optional[int] = None,
-           normalization: str = "none", cost_power: float = 0.0) -> Tuple[Keep, float]:
+           normalization: str = "none", cost_power: float = 0.0, rule: Optional[str] = None) -> Tuple[Keep, float]:
     """Kept filters per conv for a target: ``sparsity`` (fraction of the ranked filters or groups) or
     ``flops_reduction``. ``units`` couples channels across convs (``groups.coupled_units``); by
     default each conv is its own unit. ``normalization`` and ``cost_power`` make units' scores
-    comparable before the global ranking (``ranking``). Returns (selection, pruning fraction used).
+    comparable before the global ranking (``ranking``); ``rule`` is the selection (``RULES``; by default
+    the method's own, ``default_rule``). Returns (selection, pruning fraction used).
     """
     if (sparsity is None) == (flops_reduction is None):
         raise ValueError("give exactly one of sparsity and flops_reduction")
@@ -289,7 +301,7 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
         if graph is None:
             raise ValueError("cost_power > 0 needs the model graph to count each filter's MACs")
         u_scores = cost_weighted(u_scores, group_costs(graph, units, sizes, convention), cost_power)
-    pick_units = selector(method, u_scores, u_tie, max_layer_sparsity)
+    pick_units = selector(rule or default_rule(method), u_scores, u_tie, max_layer_sparsity)
 
     def pick(p: float) -> Keep:
         chosen = pick_units(p)

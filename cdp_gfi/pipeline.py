@@ -50,7 +50,7 @@ from .groups import Unit
 from .scope import SCOPES, prunable_units, unit_convs
 from .scores import scores_from_statistics, statistics_kinds
 from .sites import read_points
-from .variants import resolve_variant
+from .variants import Variant, resolve_variant
 from .slim import slim
 from .statistics import Statistics, collect_statistics
 from .train import build_optimizer, build_scheduler, evaluate, fit, seed_everything, train_one_epoch
@@ -83,12 +83,13 @@ class PruneConfig:
     method: str = "cdp"
     scope: str = "internal"
     round_to: Optional[int] = None
-    cdp_mode: str = "classwise"
+    cdp_mode: Optional[str] = None
     coe: Optional[float] = None
     published: bool = False
     site: Optional[str] = None
     normalize: Optional[str] = None
     cost_power: Optional[float] = None
+    rule: Optional[str] = None
     sparsity: Optional[float] = None
     flops_reduction: Optional[float] = None
     flops_convention: str = "conv-linear"
@@ -119,11 +120,18 @@ def defaults(config: PruneConfig) -> Dict[str, Any]:
         out.update(workers=0, baseline_epochs=6, epochs=6, batch_size=64)
         if config.sparsity is None and config.flops_reduction is None:
             out["flops_reduction"] = DIGITS_FLOPS_REDUCTION
-    variant = resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power)
-    out.update(site=variant.site, normalize=variant.normalize, cost_power=variant.cost_power)
+    variant = variant_of(config)
+    out.update(site=variant.site, normalize=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
+               cdp_mode=variant.cdp_mode)
     out["save_dir"] = (f"runs/{config.dataset}_{config.model or out['model']}_{config.method}"
                        f"_seed{config.seed}")
     return out
+
+
+def variant_of(config: PruneConfig) -> Variant:
+    """The criterion variant of a run: the method's default (or published) preset, explicit settings on top."""
+    return resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power,
+                           config.rule, config.cdp_mode)
 
 
 def resolve(config: PruneConfig) -> PruneConfig:
@@ -286,7 +294,7 @@ def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph
     keep, _ = select(config.method, scores, tiebreak, sparsity=config.sparsity,
                      flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
                      units=units, round_to=config.round_to, normalization=config.normalize,
-                     cost_power=config.cost_power)
+                     cost_power=config.cost_power, rule=config.rule)
     return to_nni_masks(model, keep)
 
 
@@ -497,9 +505,8 @@ def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies
     """The run's results as one flat record (accuracies in percent; the pruned one is the last epoch's)."""
     return {"model": config.model, "dataset": config.dataset, "method": config.method, "scope": config.scope,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None,
-            "variant": resolve_variant(config.method, config.published, config.site, config.normalize,
-                                       config.cost_power).label(config.method),
-            "site": config.site, "normalize": config.normalize, "cost_power": config.cost_power,
+            "variant": variant_of(config).label(config.method), "site": config.site,
+            "normalize": config.normalize, "cost_power": config.cost_power, "rule": config.rule,
             "sparsity": config.sparsity,
             "flops_reduction": config.flops_reduction,
             "filters_removed_pct": 100.0 * removed_fraction(keep_vectors(masks)), **accuracies,

@@ -51,8 +51,9 @@ class _StatisticsPruner(Pruner):
         self.flops_reduction, self.flops_convention = flops_reduction, flops_convention
         self.max_layer_sparsity, self.method_options = max_layer_sparsity, method_options
         self.round_to = round_to
-        self.variant = resolve_variant(self.method, published, site, normalize, cost_power)
-        statistics_kinds(self.method, method_options.get("cdp_mode", "classwise"))
+        self.variant = resolve_variant(self.method, published, site, normalize, cost_power,
+                                       method_options.pop("rule", None), method_options.pop("cdp_mode", None))
+        statistics_kinds(self.method, self.variant.cdp_mode)
         if data is None and statistics is None:
             raise ValueError(f"{type(self).__name__} needs data (a DataLoader or an NNI evaluator) "
                              "or precomputed statistics")
@@ -101,7 +102,7 @@ class _StatisticsPruner(Pruner):
 
     def collect(self) -> Statistics:
         """Gather the statistics this method needs over the data (unwrapped model, eval, no_grad)."""
-        kinds = statistics_kinds(self.method, self.method_options.get("cdp_mode", "classwise"))
+        kinds = statistics_kinds(self.method, self.variant.cdp_mode)
         wrapped = self._is_wrapped
         if wrapped:
             self.unwrap_model()
@@ -121,7 +122,7 @@ class _StatisticsPruner(Pruner):
         self.statistics.check_model(self._convs)
         self.statistics.check_layers(self.layers)
         scores, tiebreak = scores_from_statistics(self.statistics, self.method, layers=self.layers,
-                                                  **self.method_options)
+                                                  cdp_mode=self.variant.cdp_mode, **self.method_options)
         self.scores, self.keep = scores, {}
         for g in self.groups:
             convs = self._convs_of(g.names)
@@ -132,7 +133,8 @@ class _StatisticsPruner(Pruner):
                              flops_reduction=self.flops_reduction, graph=self.graph,
                              max_layer_sparsity=cap, convention=self.flops_convention,
                              units={n: self.units[n] for n in g.names}, round_to=self.round_to,
-                             normalization=self.variant.normalize, cost_power=self.variant.cost_power)
+                             normalization=self.variant.normalize, cost_power=self.variant.cost_power,
+                             rule=self.variant.rule)
             self.keep.update(keep)
         self.update_masks(to_nni_masks(self._convs, self.keep))
 
@@ -151,7 +153,7 @@ class CDPPruner(_StatisticsPruner):
     method = "cdp"
 
     def __init__(self, model: nn.Module, config_list: List[Dict], data=None, *,
-                 cdp_mode: str = "classwise", coe: Optional[float] = None, **kwargs):
+                 cdp_mode: Optional[str] = None, coe: Optional[float] = None, **kwargs):
         super().__init__(model, config_list, data, cdp_mode=cdp_mode, coe=coe, **kwargs)
 
 

@@ -7,7 +7,10 @@ things around it, each a named option (docs/algorithms.md has the numbers):
 - ``site``: where feature maps are read (``sites.SITES``; published ``conv``);
 - ``normalize``: how each layer's scores are rescaled before the one global
   ranking (``ranking.NORMALIZATIONS``; published ``none``);
-- ``cost_power``: how much a filter's MACs count against it (published 0).
+- ``cost_power``: how much a filter's MACs count against it (published 0);
+- ``rule``: the selection (``masks.RULES``): CDP's one global ranking or
+  GFI-AP's adaptive threshold with its per-layer cap;
+- ``cdp_mode``: CDP's documents, classes (the paper) or images (its code).
 
 ``published=True`` selects the papers' definitions; options given explicitly
 override either preset.
@@ -17,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from .masks import RULES
 from .ranking import NORMALIZATIONS
+from .scores import CDP_MODES
 from .sites import SITES
 
 
@@ -28,21 +33,26 @@ class Variant:
     site: str = "conv"
     normalize: str = "none"
     cost_power: float = 0.0
+    rule: str = "global"
+    cdp_mode: str = "classwise"
 
     def label(self, method: str) -> str:
-        """A short name such as ``cdp[input,rank,cost0.5]``, ``cdp[published]`` for the papers' own."""
+        """A short name such as ``cdp[sample,input,mean,cost0.5,adaptive]``; ``cdp[published]`` for the paper's."""
         name = "gfi-ap" if method == "gfi" else method
         if self == PUBLISHED[method]:
             return f"{name}[published]"
-        return f"{name}[{self.site},{self.normalize},cost{self.cost_power:g}]"
+        docs = f"{self.cdp_mode}," if method == "cdp" else ""
+        return f"{name}[{docs}{self.site},{self.normalize},cost{self.cost_power:g},{self.rule}]"
 
 
-PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant()}
-DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 0.0), "gfi": Variant("conv", "none", 0.0)}
+PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant(rule="adaptive")}
+DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 0.5, "adaptive", "sample"),
+                                "gfi": Variant("input", "mean", 0.5, "adaptive")}
 
 
 def resolve_variant(method: str, published: bool = False, site: Optional[str] = None,
-                    normalize: Optional[str] = None, cost_power: Optional[float] = None) -> Variant:
+                    normalize: Optional[str] = None, cost_power: Optional[float] = None,
+                    rule: Optional[str] = None, cdp_mode: Optional[str] = None) -> Variant:
     """The variant a run uses: the published or default preset of ``method``, with explicit options on top."""
     presets = PUBLISHED if published else DEFAULTS
     if method not in presets:
@@ -50,11 +60,17 @@ def resolve_variant(method: str, published: bool = False, site: Optional[str] = 
     base = presets[method]
     variant = Variant(site if site is not None else base.site,
                       normalize if normalize is not None else base.normalize,
-                      float(cost_power) if cost_power is not None else base.cost_power)
+                      float(cost_power) if cost_power is not None else base.cost_power,
+                      rule if rule is not None else base.rule,
+                      cdp_mode if cdp_mode is not None else base.cdp_mode)
     if variant.site not in SITES:
         raise ValueError(f"--site must be one of {SITES}, got {variant.site!r}")
     if variant.normalize not in NORMALIZATIONS:
         raise ValueError(f"--normalize must be one of {NORMALIZATIONS}, got {variant.normalize!r}")
     if not variant.cost_power >= 0:
         raise ValueError(f"--cost_power must be >= 0, got {variant.cost_power}")
+    if variant.rule not in RULES:
+        raise ValueError(f"--rule must be one of {RULES}, got {variant.rule!r}")
+    if variant.cdp_mode not in CDP_MODES:
+        raise ValueError(f"unknown cdp_mode {variant.cdp_mode!r}; choose one of {CDP_MODES}")
     return variant

@@ -16,10 +16,12 @@ import cdp_gfi.imagenet_prune as stage1
 import cdp_gfi.statistics as statistics
 from cdp_gfi import retrain
 from cdp_gfi.checkpoint import load_checkpoint
+from cdp_gfi.data import imagenet_datasets, make_loader
 from cdp_gfi.flops import keep_vectors
 from cdp_gfi.graph import trace
 from cdp_gfi.masks import apply_masks
 from cdp_gfi.models import build_model
+from cdp_gfi.recalibrate import recalibrate_batchnorm
 from cdp_gfi.statistics import Statistics
 from cdp_gfi.train import seed_everything
 
@@ -95,7 +97,7 @@ def gfi_sweep(imagefolder_root, tmp_path_factory):
     return out, calls
 
 
-def test_cdp_run_writes_every_file_and_the_slim_net_equals_the_masked_one(cdp_dir):
+def test_cdp_run_writes_every_file_and_the_slim_net_equals_the_masked_one(cdp_dir, imagefolder_root):
     for name in ("statistics.pth", "results.csv", *FILES):
         assert (cdp_dir / name).is_file(), name
     masks_ckpt, slim_ckpt = load_checkpoint(cdp_dir / "masks.pth"), load_checkpoint(cdp_dir / "slim.pth")
@@ -106,6 +108,11 @@ def test_cdp_run_writes_every_file_and_the_slim_net_equals_the_masked_one(cdp_di
     graph = trace(dense, torch.zeros(1, 3, 32, 32))
     masked = apply_masks(dense.eval(), masks_ckpt["masks"], graph)
     x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(slim_ckpt["model"].eval()(x), masked(x), atol=1e-3)  # its BN was re-estimated
+    # ... on the same 8 batches (the default 20, capped by 60 images / batch 8) that re-estimate the masked one
+    plain = imagenet_datasets(imagefolder_root, 32)[1]
+    recalibrate_batchnorm(masked, make_loader(plain, 8, shuffle=True, seed=0), 8, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(slim_ckpt["model"].eval()(x), masked(x), atol=1e-4, rtol=1e-4)
     results = pd.read_csv(cdp_dir / "results.csv")
@@ -252,7 +259,7 @@ def test_bad_paths_and_inputs_get_one_error_line(imagefolder_root, cdp_dir, tmp_
                                                  "--sparsity", "0.3"))
     resnet34 = tmp_path / "resnet34.pth"
     torch.save(build_model("resnet34", "imagenet", num_classes=10).state_dict(), resnet34)
-    assert "does not match" in _error(capsys, args(imagefolder_root, out, "--pretrained_dir", str(resnet34),
+    assert "does not fit" in _error(capsys, args(imagefolder_root, out, "--pretrained_dir", str(resnet34),
                                                    "--sparsity", "0.3"))
     stats = Statistics.load(str(cdp_dir / "statistics.pth"))
     stats.layers = {name: [s + 1 for s in shape] for name, shape in stats.layers.items()}

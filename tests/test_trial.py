@@ -7,6 +7,7 @@ import torch
 
 import cdp_gfi.trial as trial
 from cdp_gfi import build_model
+from cdp_gfi.variants import DEFAULTS
 
 
 def args_of(*argv: str) -> argparse.Namespace:
@@ -45,9 +46,10 @@ def test_tuner_overrides_command_line_and_keys_statistics(tmp_path, monkeypatch)
     config = trial.trial_config(args, {"method": {"_name": "cdp", "coe": 1}, "sparsity": 0.3, "epochs": 2.0})
     assert (config.method, config.coe, config.sparsity, config.flops_reduction) == ("cdp", 1.0, 0.3, None)
     assert (config.epochs, config.lr, config.dataset, config.model) == (2, 0.02, "digits", "resnet20")
-    assert config.statistics_file == str(tmp_path / "stats_digits_resnet20_seed0_b200_cdp_classwise.pt")
+    cdp = DEFAULTS["cdp"]  # statistics of other documents or read at another feature site are another file
+    assert config.statistics_file == str(tmp_path / f"stats_digits_resnet20_seed0_b200_cdp_{cdp.cdp_mode}_{cdp.site}.pt")
     gfi = trial.trial_config(args, {"method": "gfi", "stop_batch": 4})
-    assert gfi.statistics_file == str(tmp_path / "stats_digits_resnet20_seed0_b4_gfi.pt")
+    assert gfi.statistics_file == str(tmp_path / f"stats_digits_resnet20_seed0_b4_gfi_{DEFAULTS['gfi'].site}.pt")
     assert gfi.flops_reduction == 0.4 and gfi.sparsity is None
     standalone = trial.trial_config(args_of(), {})
     assert standalone.flops_reduction == 0.45 and standalone.save_dir.startswith("runs/")
@@ -92,5 +94,5 @@ def test_standalone_run_reports_each_epoch_and_shares_statistics(tmp_path, repor
     (final,) = reports["final"]
     assert final["default"] == reports["intermediate"][0]
     assert 0 < final["macs_after"] < 40_551_040 and 0 < final["params_after"] < 269_722
-    assert [p.name for p in (tmp_path / "stats").iterdir()] == ["stats_digits_resnet20_seed0_b1_gfi.pt"]
+    assert [p.name for p in (tmp_path / "stats").iterdir()] == [f"stats_digits_resnet20_seed0_b1_gfi_{DEFAULTS['gfi'].site}.pt"]
     assert (tmp_path / "run" / "summary.json").is_file()
