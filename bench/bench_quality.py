@@ -105,7 +105,8 @@ class Bench:
             stats = self.statistics(variant.site)
             scores, tie = scores_from_statistics(stats, kind, variant.cdp_mode, None, self.scope)
             keep, _ = select(kind, scores, tie, flops_reduction=target, graph=self.graph,
-                             normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule)
+                             normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
+                             max_layer_sparsity=variant.max_layer_sparsity)
             return competitors.slimmed(self.base, to_nni_masks(self.base, keep), SIZE)
         if method.startswith("tp-"):
             return competitors.tp_at_macs(self.base, self.scope, target, SIZE, method == "tp-global")[0]
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
     rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
     done = set(zip(rows["net"], rows["method"], rows["target_pct"], rows["seed"])) if len(rows) else set()
     started = time.perf_counter()
-    todo: List[Tuple[str, int, float, str]] = [(n, s, t, m) for n in nets for s in seeds for t in targets
+    todo: List[Tuple[str, int, float, str]] = [(n, s, t, m) for s in seeds for n in nets for t in targets
                                                for m in methods if (n, m, 100 * t, s) not in done]
     bench = None
     for net, seed, target, method in tqdm(todo, desc="bench_quality"):

@@ -29,6 +29,8 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
       help="rescale each layer's scores before the global ranking: none (the papers'), mean, max, rank")
     a("--cost_power", type=float, metavar="P",
       help="divide scores by (MACs of one filter / mean)^P: expensive filters must earn their place (papers: 0)")
+    a("--max_layer_sparsity", type=float, metavar="F",
+      help="most of its filters one layer may lose (default: 0.6 for CDP; GFI-AP's (1+p)/2 for the adaptive rule)")
     a("--rule", choices=RULES, help="selection: global (one ranking, CDP's) or adaptive (GFI-AP's threshold with "
                                     "its per-layer cap (1+p)/2; our default for both)")
 

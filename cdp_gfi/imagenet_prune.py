@@ -79,6 +79,7 @@ class Stage1Config:
     normalize: Optional[str] = None
     cost_power: Optional[float] = None
     rule: Optional[str] = None
+    max_layer_sparsity: Optional[float] = None
     sparsity: Tuple[float, ...] = ()
     flops_reduction: Tuple[float, ...] = ()
     flops_convention: str = "conv-linear"
@@ -271,6 +272,7 @@ def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Sta
     prune_config = PruneConfig(method=config.method, cdp_mode=config.cdp_mode, coe=config.coe,
                                scope=config.scope, round_to=config.round_to, site=config.site,
                                normalize=config.normalize, cost_power=config.cost_power, rule=config.rule,
+                               max_layer_sparsity=config.max_layer_sparsity,
                                flops_convention=config.flops_convention, **{target.kind: target.value})
     return choose_masks(prune_config, model, stats, graph, units)
 
@@ -278,9 +280,9 @@ def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Sta
 def with_variant(config: Stage1Config) -> Stage1Config:
     """``config`` with the criterion variant filled in: published or default preset, explicit flags on top."""
     v = resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power,
-                        config.rule, config.cdp_mode)
+                        config.rule, config.cdp_mode, config.max_layer_sparsity)
     return replace(config, site=v.site, normalize=v.normalize, cost_power=v.cost_power, rule=v.rule,
-                   cdp_mode=v.cdp_mode)
+                   cdp_mode=v.cdp_mode, max_layer_sparsity=v.max_layer_sparsity)
 
 
 def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Costs, input_size: int,

@@ -157,7 +157,8 @@ def select_for_flops(select: Callable[[float], Keep], graph: ModelGraph, target:
     if best is None or abs(best[2] - target) > tolerance:
         reached = "nothing" if best is None else f"{best[2]:.2%}"
         raise ValueError(f"cannot remove {target:.2%} of MACs by pruning these layers "
-                         f"(closest reachable: {reached}); widen the scope or lower the target")
+                         f"(closest reachable: {reached}); widen the scope, raise the per-layer cap "
+                         "(--max_layer_sparsity) or lower the target")
     return best
 
 

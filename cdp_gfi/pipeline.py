@@ -90,6 +90,7 @@ class PruneConfig:
     normalize: Optional[str] = None
     cost_power: Optional[float] = None
     rule: Optional[str] = None
+    max_layer_sparsity: Optional[float] = None
     sparsity: Optional[float] = None
     flops_reduction: Optional[float] = None
     flops_convention: str = "conv-linear"
@@ -122,7 +123,7 @@ def defaults(config: PruneConfig) -> Dict[str, Any]:
             out["flops_reduction"] = DIGITS_FLOPS_REDUCTION
     variant = variant_of(config)
     out.update(site=variant.site, normalize=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
-               cdp_mode=variant.cdp_mode)
+               cdp_mode=variant.cdp_mode, max_layer_sparsity=variant.max_layer_sparsity)
     out["save_dir"] = (f"runs/{config.dataset}_{config.model or out['model']}_{config.method}"
                        f"_seed{config.seed}")
     return out
@@ -131,7 +132,7 @@ def defaults(config: PruneConfig) -> Dict[str, Any]:
 def variant_of(config: PruneConfig) -> Variant:
     """The criterion variant of a run: the method's default (or published) preset, explicit settings on top."""
     return resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power,
-                           config.rule, config.cdp_mode)
+                           config.rule, config.cdp_mode, config.max_layer_sparsity)
 
 
 def resolve(config: PruneConfig) -> PruneConfig:
@@ -294,7 +295,7 @@ def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph
     keep, _ = select(config.method, scores, tiebreak, sparsity=config.sparsity,
                      flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
                      units=units, round_to=config.round_to, normalization=config.normalize,
-                     cost_power=config.cost_power, rule=config.rule)
+                     cost_power=config.cost_power, rule=config.rule, max_layer_sparsity=config.max_layer_sparsity)
     return to_nni_masks(model, keep)
 
 
@@ -507,6 +508,7 @@ def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None,
             "variant": variant_of(config).label(config.method), "site": config.site,
             "normalize": config.normalize, "cost_power": config.cost_power, "rule": config.rule,
+            "max_layer_sparsity": config.max_layer_sparsity,
             "sparsity": config.sparsity,
             "flops_reduction": config.flops_reduction,
             "filters_removed_pct": 100.0 * removed_fraction(keep_vectors(masks)), **accuracies,

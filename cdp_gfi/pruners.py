@@ -53,6 +53,7 @@ class _StatisticsPruner(Pruner):
         self.round_to = round_to
         self.variant = resolve_variant(self.method, published, site, normalize, cost_power,
                                        method_options.pop("rule", None), method_options.pop("cdp_mode", None))
+        self.variant_cap = None if max_layer_sparsity is not None else self.variant.max_layer_sparsity
         statistics_kinds(self.method, self.variant.cdp_mode)
         if data is None and statistics is None:
             raise ValueError(f"{type(self).__name__} needs data (a DataLoader or an NNI evaluator) "
@@ -128,7 +129,8 @@ class _StatisticsPruner(Pruner):
             convs = self._convs_of(g.names)
             part = {n: scores[n] for n in convs}
             tie = {n: tiebreak[n] for n in convs} if tiebreak else None
-            cap = self.max_layer_sparsity if self.max_layer_sparsity is not None else g.max_sparse_ratio
+            cap = next((c for c in (self.max_layer_sparsity, g.max_sparse_ratio, self.variant_cap) if c is not None),
+                       None)
             keep, _ = select(self.method, part, tie, sparsity=None if self.flops_reduction else g.sparse_ratio,
                              flops_reduction=self.flops_reduction, graph=self.graph,
                              max_layer_sparsity=cap, convention=self.flops_convention,

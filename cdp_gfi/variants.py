@@ -10,7 +10,9 @@ things around it, each a named option (docs/algorithms.md has the numbers):
 - ``cost_power``: how much a filter's MACs count against it (published 0);
 - ``rule``: the selection (``masks.RULES``): CDP's one global ranking or
   GFI-AP's adaptive threshold with its per-layer cap;
-- ``cdp_mode``: CDP's documents, classes (the paper) or images (its code).
+- ``cdp_mode``: CDP's documents, classes (the paper) or images (its code);
+- ``max_layer_sparsity``: the most of its filters one layer may lose (None:
+  no cap for the global rule, GFI-AP's (1 + p) / 2 for the adaptive one).
 
 ``published=True`` selects the papers' definitions; options given explicitly
 override either preset.
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .masks import RULES
+from .masks import RULES, check_fraction
 from .ranking import NORMALIZATIONS
 from .scores import CDP_MODES
 from .sites import SITES
@@ -35,6 +37,7 @@ class Variant:
     cost_power: float = 0.0
     rule: str = "global"
     cdp_mode: str = "classwise"
+    max_layer_sparsity: Optional[float] = None
 
     def label(self, method: str) -> str:
         """A short name such as ``cdp[sample,input,mean,cost0.5,adaptive]``; ``cdp[published]`` for the paper's."""
@@ -42,17 +45,19 @@ class Variant:
         if self == PUBLISHED[method]:
             return f"{name}[published]"
         docs = f"{self.cdp_mode}," if method == "cdp" else ""
-        return f"{name}[{docs}{self.site},{self.normalize},cost{self.cost_power:g},{self.rule}]"
+        cap = f",cap{self.max_layer_sparsity:g}" if self.max_layer_sparsity is not None else ""
+        return f"{name}[{docs}{self.site},{self.normalize},cost{self.cost_power:g},{self.rule}{cap}]"
 
 
 PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant(rule="adaptive")}
-DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 0.5, "adaptive", "sample"),
+DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 1.0, "adaptive", "sample", 0.6),
                                 "gfi": Variant("input", "mean", 0.5, "adaptive")}
 
 
 def resolve_variant(method: str, published: bool = False, site: Optional[str] = None,
                     normalize: Optional[str] = None, cost_power: Optional[float] = None,
-                    rule: Optional[str] = None, cdp_mode: Optional[str] = None) -> Variant:
+                    rule: Optional[str] = None, cdp_mode: Optional[str] = None,
+                    max_layer_sparsity: Optional[float] = None) -> Variant:
     """The variant a run uses: the published or default preset of ``method``, with explicit options on top."""
     presets = PUBLISHED if published else DEFAULTS
     if method not in presets:
@@ -62,7 +67,8 @@ def resolve_variant(method: str, published: bool = False, site: Optional[str] = 
                       normalize if normalize is not None else base.normalize,
                       float(cost_power) if cost_power is not None else base.cost_power,
                       rule if rule is not None else base.rule,
-                      cdp_mode if cdp_mode is not None else base.cdp_mode)
+                      cdp_mode if cdp_mode is not None else base.cdp_mode,
+                      max_layer_sparsity if max_layer_sparsity is not None else base.max_layer_sparsity)
     if variant.site not in SITES:
         raise ValueError(f"--site must be one of {SITES}, got {variant.site!r}")
     if variant.normalize not in NORMALIZATIONS:
@@ -71,6 +77,8 @@ def resolve_variant(method: str, published: bool = False, site: Optional[str] = 
         raise ValueError(f"--cost_power must be >= 0, got {variant.cost_power}")
     if variant.rule not in RULES:
         raise ValueError(f"--rule must be one of {RULES}, got {variant.rule!r}")
+    if variant.max_layer_sparsity is not None:
+        check_fraction(variant.max_layer_sparsity, "--max_layer_sparsity")
     if variant.cdp_mode not in CDP_MODES:
         raise ValueError(f"unknown cdp_mode {variant.cdp_mode!r}; choose one of {CDP_MODES}")
     return variant
