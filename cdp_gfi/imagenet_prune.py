@@ -22,7 +22,7 @@ Files (only rank 0 writes):
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +42,7 @@ from .models import IMAGENET_MODELS, build_model
 from .pipeline import PruneConfig, choose_masks
 from .pretrained import load_pretrained
 from .sites import read_points
-from .variants import resolve_variant
+from .variants import CriterionOptions
 from .recalibrate import check_batches, recalibrate_batchnorm
 from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
 from .retrain import SLIM_DUMMY_SIZE, ShardSampler, _resolve_device, save_masks_checkpoint, save_slim_checkpoint
@@ -62,24 +62,13 @@ SAMPLING_KEYS = ("model", "num_classes", "weights_checksum", "stop_batch", "batc
 
 
 @dataclass(frozen=True)
-class Stage1Config:
+class Stage1Config(CriterionOptions):
     """Every setting of a stage-1 run (the CDP README's flags of statistic_imagenet.py, plus a few)."""
 
     model: str = "resnet50"
     dataroot: Optional[str] = None
     pretrained_dir: Optional[str] = None
     allow_random_init: bool = False
-    method: str = "cdp"
-    scope: str = "internal"
-    round_to: Optional[int] = None
-    cdp_mode: Optional[str] = None
-    coe: Optional[float] = None
-    published: bool = False
-    site: Optional[str] = None
-    normalize: Optional[str] = None
-    cost_power: Optional[float] = None
-    rule: Optional[str] = None
-    max_layer_sparsity: Optional[float] = None
     sparsity: Tuple[float, ...] = ()
     flops_reduction: Tuple[float, ...] = ()
     flops_convention: str = "conv-linear"
@@ -269,20 +258,9 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
 def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Statistics, graph: ModelGraph,
               units: Dict[str, Unit]) -> Masks:
     """NNI masks for one target, chosen by the CIFAR pipeline's scoring and global selection."""
-    prune_config = PruneConfig(method=config.method, cdp_mode=config.cdp_mode, coe=config.coe,
-                               scope=config.scope, round_to=config.round_to, site=config.site,
-                               normalize=config.normalize, cost_power=config.cost_power, rule=config.rule,
-                               max_layer_sparsity=config.max_layer_sparsity,
-                               flops_convention=config.flops_convention, **{target.kind: target.value})
+    criterion = {f.name: getattr(config, f.name) for f in fields(CriterionOptions)}
+    prune_config = PruneConfig(**criterion, flops_convention=config.flops_convention, **{target.kind: target.value})
     return choose_masks(prune_config, model, stats, graph, units)
-
-
-def with_variant(config: Stage1Config) -> Stage1Config:
-    """``config`` with the criterion variant filled in: published or default preset, explicit flags on top."""
-    v = resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power,
-                        config.rule, config.cdp_mode, config.max_layer_sparsity)
-    return replace(config, site=v.site, normalize=v.normalize, cost_power=v.cost_power, rule=v.rule,
-                   cdp_mode=v.cdp_mode, max_layer_sparsity=v.max_layer_sparsity)
 
 
 def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Costs, input_size: int,
@@ -330,7 +308,7 @@ def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Modul
 
 def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     """The whole stage (see the module docstring); returns the results table on rank 0, None elsewhere."""
-    config = with_variant(config)
+    config = replace(config, **asdict(config.variant()))
     targets = check(config)
     info = _resolve_device(config)
     _, train_plain, _ = imagenet_datasets(config.dataroot, config.input_size)

@@ -50,7 +50,7 @@ from .groups import Unit
 from .scope import SCOPES, prunable_units, unit_convs
 from .scores import scores_from_statistics, statistics_kinds
 from .sites import read_points
-from .variants import Variant, resolve_variant
+from .variants import CriterionOptions
 from .slim import slim
 from .statistics import Statistics, collect_statistics
 from .train import build_optimizer, build_scheduler, evaluate, fit, seed_everything, train_one_epoch
@@ -68,7 +68,7 @@ RUN_FILES = ("pruned.pth", "last.pth", "best.pth", "log.csv", "baseline/last.pth
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(CriterionOptions):
     """Every setting of a run; None means "the default for this dataset and schedule" (see ``resolve``)."""
 
     dataset: str = "cifar10"
@@ -80,17 +80,6 @@ class PruneConfig:
     train_baseline: bool = False
     baseline_epochs: Optional[int] = None
     baseline_dir: str = "ckpt/base"
-    method: str = "cdp"
-    scope: str = "internal"
-    round_to: Optional[int] = None
-    cdp_mode: Optional[str] = None
-    coe: Optional[float] = None
-    published: bool = False
-    site: Optional[str] = None
-    normalize: Optional[str] = None
-    cost_power: Optional[float] = None
-    rule: Optional[str] = None
-    max_layer_sparsity: Optional[float] = None
     sparsity: Optional[float] = None
     flops_reduction: Optional[float] = None
     flops_convention: str = "conv-linear"
@@ -121,18 +110,10 @@ def defaults(config: PruneConfig) -> Dict[str, Any]:
         out.update(workers=0, baseline_epochs=6, epochs=6, batch_size=64)
         if config.sparsity is None and config.flops_reduction is None:
             out["flops_reduction"] = DIGITS_FLOPS_REDUCTION
-    variant = variant_of(config)
-    out.update(site=variant.site, normalize=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
-               cdp_mode=variant.cdp_mode, max_layer_sparsity=variant.max_layer_sparsity)
+    out.update(asdict(config.variant()))
     out["save_dir"] = (f"runs/{config.dataset}_{config.model or out['model']}_{config.method}"
                        f"_seed{config.seed}")
     return out
-
-
-def variant_of(config: PruneConfig) -> Variant:
-    """The criterion variant of a run: the method's default (or published) preset, explicit settings on top."""
-    return resolve_variant(config.method, config.published, config.site, config.normalize, config.cost_power,
-                           config.rule, config.cdp_mode, config.max_layer_sparsity)
 
 
 def resolve(config: PruneConfig) -> PruneConfig:
@@ -506,7 +487,7 @@ def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies
     """The run's results as one flat record (accuracies in percent; the pruned one is the last epoch's)."""
     return {"model": config.model, "dataset": config.dataset, "method": config.method, "scope": config.scope,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None,
-            "variant": variant_of(config).label(config.method), "site": config.site,
+            "variant": config.variant().label(config.method), "site": config.site,
             "normalize": config.normalize, "cost_power": config.cost_power, "rule": config.rule,
             "max_layer_sparsity": config.max_layer_sparsity,
             "sparsity": config.sparsity,

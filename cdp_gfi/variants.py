@@ -82,3 +82,25 @@ def resolve_variant(method: str, published: bool = False, site: Optional[str] = 
     if variant.cdp_mode not in CDP_MODES:
         raise ValueError(f"unknown cdp_mode {variant.cdp_mode!r}; choose one of {CDP_MODES}")
     return variant
+
+
+@dataclass(frozen=True)
+class CriterionOptions:
+    """The criterion settings every run takes (scripts' flags); None means the method's preset."""
+
+    method: str = "cdp"
+    scope: str = "internal"
+    round_to: Optional[int] = None
+    cdp_mode: Optional[str] = None
+    coe: Optional[float] = None
+    published: bool = False
+    site: Optional[str] = None
+    normalize: Optional[str] = None
+    cost_power: Optional[float] = None
+    rule: Optional[str] = None
+    max_layer_sparsity: Optional[float] = None
+
+    def variant(self) -> Variant:
+        """The variant these options select: the published or default preset, explicit options on top."""
+        return resolve_variant(self.method, self.published, self.site, self.normalize, self.cost_power,
+                               self.rule, self.cdp_mode, self.max_layer_sparsity)

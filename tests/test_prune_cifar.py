@@ -314,3 +314,15 @@ def test_scope_all_prunes_the_residual_stream(cifar_root, pretrained, tmp_path):
     assert model.conv1.out_channels == model.layer1[0].conv2.out_channels == model.layer1[2].conv2.out_channels
     assert model.conv1.out_channels % 2 == 0 and model.conv1.out_channels < 16  # the stream is narrower
     assert prune_cifar.main(cifar_args(cifar_root, pretrained, tmp_path / "bad", "--round_to", "0")) == 2
+
+
+def test_variant_flags_resolve_to_the_published_or_default_criterion(cifar_root, pretrained, tmp_path):
+    from cdp_gfi.variants import DEFAULTS, PUBLISHED
+    base = cifar_args(cifar_root, pretrained, tmp_path)
+    default = pipeline.resolve(config_of(base))
+    assert default.variant() == DEFAULTS["cdp"]
+    published = pipeline.resolve(config_of(base + ["--published", "--method", "gfi"]))
+    assert published.variant() == PUBLISHED["gfi"]
+    mixed = pipeline.resolve(config_of(base + ["--published", "--site", "input", "--cost_power", "0.5"]))
+    assert (mixed.site, mixed.normalize, mixed.cost_power, mixed.rule, mixed.cdp_mode) == \
+        ("input", "none", 0.5, "global", "classwise")
