@@ -35,7 +35,7 @@ def bisect_ratio(make: Callable[[float], T], reduction_of: Callable[[T], float],
         red = reduction_of(result)
         if best is None or abs(red - target) < abs(best[2] - target):
             best = (result, mid, red)
-        if abs(red - target) < TOLERANCE / 5:
+        if abs(red - target) < TOLERANCE / 2:
             break
         lo, hi = (mid, hi) if red < target else (lo, mid)
     if abs(best[2] - target) > TOLERANCE:
@@ -65,11 +65,48 @@ def nni_masks(method: str, model: nn.Module, scope: List[str], ratio: float,
             if m.get("weight") is not None}
 
 
+def taylor_masks_by_ratio(model: nn.Module, scope: List[str],
+                          evaluator_factory: Callable[[nn.Module], object]) -> Callable[[float], Masks]:
+    """NNI TaylorPruner's masks as a function of the uniform ratio, its gradient batches run once.
+
+    Taylor's metrics do not depend on the ratio; NNI recomputes them on every
+    ``compress()``, which made each bisection step re-run its 8 batches.
+    """
+    from nni.compression.pruning import TaylorPruner
+    from nni.compression.pruning.tools import generate_sparsity
+
+    captured: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    class Capturing(TaylorPruner):
+        def _calculate_metrics(self, data):
+            captured.update(super()._calculate_metrics(data))
+            return captured
+
+    work = copy.deepcopy(model)
+    pruner = Capturing(work, [{"op_names": list(scope), "op_types": ["Conv2d"], "sparse_ratio": 0.5}],
+                       evaluator_factory(work), training_steps=8)
+    pruner.compress()
+    pruner.unwrap_model()
+
+    def masks(ratio: float) -> Masks:
+        for spaces in pruner._target_spaces.values():
+            for space in spaces.values():
+                if space.sparse_ratio is not None:
+                    space.sparse_ratio = float(ratio)
+        generated = generate_sparsity(captured, pruner._target_spaces)
+        return {name: {"weight": m["weight"].detach().cpu(), "bias": None} for name, m in generated.items()
+                if m.get("weight") is not None}
+    return masks
+
+
 def nni_at_macs(method: str, model: nn.Module, scope: List[str], target: float, size: Sequence[int],
                 evaluator_factory: Optional[Callable[[nn.Module], object]] = None) -> Tuple[Masks, float, float]:
     """(masks, uniform ratio, MACs reduction) of NNI's ``method`` at the MACs ``target``."""
-    return bisect_ratio(lambda r: nni_masks(method, model, scope, r, evaluator_factory),
-                        _mask_reduction(model, size), target)
+    if method == "nni-taylor":
+        make = taylor_masks_by_ratio(model, scope, evaluator_factory)
+    else:
+        make = lambda r: nni_masks(method, model, scope, r)  # noqa: E731
+    return bisect_ratio(make, _mask_reduction(model, size), target)
 
 
 def random_masks(model: nn.Module, graph: ModelGraph, scope: Iterable[str], target: float, seed: int) -> Masks:

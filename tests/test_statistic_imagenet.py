@@ -253,6 +253,8 @@ def test_bad_paths_and_inputs_get_one_error_line(imagefolder_root, cdp_dir, tmp_
     assert f"only {torch.cuda.device_count()} CUDA devices" in line
     assert "train" in _error(capsys, args(tmp_path / "nowhere", out, "--allow_random_init", "--sparsity", "0.3"))
     assert "untrained" in _error(capsys, args(imagefolder_root, out, "--sparsity", "0.3"))
+    assert "--bn_recalibrate 9 asks for more batches than the training set gives (8" in _error(capsys, args(
+        imagefolder_root, out, "--allow_random_init", "--sparsity", "0.3", "--bn_recalibrate", "9"))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert "cannot write" in _error(capsys, args(imagefolder_root, blocker / "x", "--allow_random_init",
