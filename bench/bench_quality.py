@@ -172,7 +172,8 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), top1_pruned=("top1_pruned", "mean"),
                       a_mean=("top1_recalibrated", "mean"), a_std=("top1_recalibrated", "std"),
                       b_mean=("top1_finetuned", "mean"), b_std=("top1_finetuned", "std"),
-                      seeds=("seed", "count"), run_s=("total_s", "mean")).reset_index()
+                      seeds=("seed", "count"), b_seeds=("top1_finetuned", "count"),
+                      run_s=("total_s", "mean")).reset_index()
     return out.round(2)
 
 
@@ -261,7 +262,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "bench_quality.csv"
     rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
-    done = set(zip(rows["net"], rows["method"], rows["target_pct"], rows["seed"])) if len(rows) else set()
+    key = ["net", "method", "target_pct", "seed"]
+    finished = rows[rows["top1_finetuned"].notna()] if len(rows) and args.epochs else rows
+    done = set(zip(*(finished[k] for k in key))) if len(finished) else set()  # (a)-only rows get (b) too
     started = time.perf_counter()
     todo: List[Tuple[str, int, float, str]] = [(n, s, t, m) for s in seeds for n in nets for t in targets
                                                for m in methods if (n, m, 100 * t, s) not in done]
@@ -270,6 +273,8 @@ def main(argv=None) -> int:
         if bench is None or (bench.name, bench.seed) != (net, seed):
             bench = Bench(net, nets[net], splits, seed, args.epochs)
         row = bench.run(method, target)
+        if len(rows):
+            rows = rows[~(rows[key] == pd.Series({k: row[k] for k in key})).all(axis=1)]
         rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
         rows.to_csv(csv, index=False)
         tqdm.write(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
