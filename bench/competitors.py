@@ -76,6 +76,7 @@ def taylor_masks_by_ratio(model: nn.Module, scope: List[str],
     from nni.compression.pruning.tools import generate_sparsity
 
     captured: Dict[str, Dict[str, torch.Tensor]] = {}
+    modules = dict(model.named_modules())
 
     class Capturing(TaylorPruner):
         def _calculate_metrics(self, data):
@@ -93,9 +94,9 @@ def taylor_masks_by_ratio(model: nn.Module, scope: List[str],
             for space in spaces.values():
                 if space.sparse_ratio is not None:
                     space.sparse_ratio = float(ratio)
-        generated = generate_sparsity(captured, pruner._target_spaces)
-        return {name: {"weight": m["weight"].detach().cpu(), "bias": None} for name, m in generated.items()
-                if m.get("weight") is not None}
+        generated = generate_sparsity(captured, pruner._target_spaces)  # per-filter [C, 1, 1, 1] masks
+        return {name: {"weight": m["weight"].detach().cpu().expand_as(modules[name].weight).clone(), "bias": None}
+                for name, m in generated.items() if m.get("weight") is not None}
     return masks
 
 
