@@ -10,11 +10,12 @@ from .pruners import CDPPruner, GFIPruner
 from .scope import default_scope
 from .scores import cdp_scores, compute_scores, gfi_scores, scores_from_statistics
 from .slim import slim
+from .slim_files import load_slim
 from .statistics import Statistics, StatisticsError, collect_statistics
 
 __all__ = [
     "CDPPruner", "GFIPruner", "Statistics", "StatisticsError", "LayerEmptiedError",
     "apply_masks", "build_model", "cdp_scores", "collect_statistics", "compute_scores", "count_flops",
-    "default_scope", "gfi_scores", "layer_table", "scores_from_statistics", "select", "slim", "to_nni_masks",
+    "default_scope", "gfi_scores", "layer_table", "load_slim", "scores_from_statistics", "select", "slim", "to_nni_masks",
 ]
 
