@@ -187,11 +187,13 @@ class _ClassOrderedGFI:
         self.counts += torch.bincount(labels, minlength=self.k)
 
     def add(self, name: str, out: torch.Tensor, labels: torch.Tensor) -> None:
-        classes, slots = torch.unique_consecutive(labels, return_inverse=True)
-        sums = torch.zeros(len(classes), *out.shape[1:], device=out.device).index_add_(0, slots, out)
+        classes, sizes = torch.unique_consecutive(labels, return_counts=True)
         running = self.open.setdefault(name, {})
-        for c, part in zip(classes.tolist(), sums):
-            running[c] = running[c].add_(part) if c in running else part
+        for c, segment in zip(classes.tolist(), out.split(sizes.tolist())):  # labels are sorted: one slice a class
+            if c in running:
+                running[c].add_(segment.sum(dim=0))
+            else:
+                running[c] = segment.sum(dim=0)
 
     def _close(self, below: int) -> None:
         for name, running in self.open.items():
@@ -199,7 +201,9 @@ class _ClassOrderedGFI:
                 part = running.pop(c)
                 if name not in self.scores:
                     self.scores[name] = torch.zeros(self.k, part.shape[0], device=part.device)
-                self.scores[name][c] = part.div_(int(self.counts[c])).abs_().mean(dim=(1, 2))
+                # mean_hw |sum / n| in one pass over the map: the L1 norm over (H, W), scaled
+                scale = int(self.counts[c]) * part.shape[1] * part.shape[2]
+                self.scores[name][c] = torch.linalg.vector_norm(part, ord=1, dim=(1, 2)).div_(scale)
 
     def finish(self, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
         """S per layer, [K, C]: this process's classes, summed with the other processes' (disjoint) ones."""
