@@ -172,12 +172,11 @@ def test_sweep_scores_every_point_from_one_statistics_pass(gfi_sweep):
     assert not (out / "masks.pth").exists()
 
 
-def test_tiny_memory_budget_splits_gfi_statistics_into_passes_with_the_same_masks(gfi_sweep, imagefolder_root,
-                                                                                    tmp_path):
+def test_gfi_statistics_read_class_by_class_in_one_pass_whatever_the_budget(gfi_sweep, imagefolder_root, tmp_path):
     out = tmp_path / "bounded"
     plans = counted_run(args(imagefolder_root, out, "--allow_random_init", "--method", "gfi", "--sparsity", "0.3",
                              "--stats_memory_gb", "1e-5"), statistics, "plan_gfi_passes")
-    assert len(plans.results[0]) > 1
+    assert plans.calls == 0  # class-ordered: one class's maps at a time, no passes to plan
     assert_same_keep(out / "masks.pth", gfi_sweep[0] / "sparsity_0.3" / "masks.pth")
 
 
