@@ -132,7 +132,7 @@ class Bench:
             config = resolve(PruneConfig(dataset="cifar10", model=self.name, epochs=self.epochs, lr=0.01,
                                          batch_size=BATCH, workers=0, seed=self.seed, sparsity=0.5))
             with tempfile.TemporaryDirectory() as tmp:
-                log = finetune(replace(config, save_dir=tmp), model, None,
+                log = finetune(replace(config, save_dir=tmp), model, {},
                                (train_loader(config, self.splits[0]), self.test), DEVICE, Path(tmp))
             finetuned = log.attrs["final_top1"]
         macs = count_flops(model, SIZE)[0]

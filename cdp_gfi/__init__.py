@@ -12,12 +12,13 @@ from .recalibrate import recalibrate_batchnorm
 from .scope import default_scope
 from .scores import cdp_scores, compute_scores, gfi_scores, scores_from_statistics
 from .slim import slim
+from .slim_files import load_slim
 from .statistics import Statistics, StatisticsError, collect_statistics
 
 __all__ = [
     "CDPPruner", "GFIPruner", "Statistics", "StatisticsError", "LayerEmptiedError",
     "apply_masks", "build_model", "cdp_scores", "collect_statistics", "compute_scores", "count_flops",
-    "default_scope", "gfi_scores", "layer_table", "load_pretrained", "recalibrate_batchnorm",
+    "default_scope", "gfi_scores", "layer_table", "load_pretrained", "load_slim", "recalibrate_batchnorm",
     "scores_from_statistics", "select", "slim", "to_nni_masks",
 ]
 

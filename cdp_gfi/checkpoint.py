@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
+import re
 import secrets
 import tempfile
 from collections import OrderedDict
@@ -26,6 +28,10 @@ _LIST_LIMIT = 10
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is unreadable or does not hold what was asked of it."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file would need code (pickled Python objects) to load; it was refused unread."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -78,10 +84,10 @@ def save_atomic(obj: Any, path: PathLike) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
-    """Load a torch checkpoint (usually a dict, possibly a pickled nn.Module).
+    """Load a torch file with ``weights_only=True``: tensors and plain containers only, so loading runs no code.
 
-    Uses weights_only=False because our checkpoints hold pickled slim (pruned) modules;
-    only load files you trust.
+    Pretrained weights come from anyone's drive; a file that would need code to load (a pickled
+    module or any other Python object) is refused with `UnsafeCheckpointError` and nothing from it runs.
     """
     path = Path(path)
     if not path.exists():
@@ -89,13 +95,13 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "checkpoint path is a directory, expected a file", str(path))
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} refers to code that cannot be imported ({err}); "
-            "load it with the cdp_gfi version that wrote it"
-        ) from err
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load reports damage as OSError, KeyError, EOFError, pickle and zip errors
+        found = re.search(r"GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+        if found:  # the restricted unpickler met a reference to code, and stopped there
+            raise UnsafeCheckpointError(
+                f"{str(path)!r} refused: loading it would need code ({found.group(1)}); it was read with weights_only=True and nothing in it ran. cdp_gfi reads only tensors and plain "
+                "containers: save weights with torch.save(model.state_dict(), path)") from None
         raise CheckpointError(
             f"{str(path)!r} is corrupt or not a torch checkpoint "
             f"(an interrupted copy or download?): {type(err).__name__}: {err}"

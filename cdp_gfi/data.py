@@ -6,11 +6,13 @@ them as a seeded (optionally class-balanced) subset.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import functools
+import itertools
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -273,13 +275,50 @@ def _balanced_indices(targets: Sequence[int], count: int, generator: torch.Gener
     return picked
 
 
+class ClassShardSampler(Sampler[int]):
+    """Positions of a dataset in class order, each process (`rank` of `world_size`) taking whole classes.
+
+    GFI-AP's class-mean maps then need one class's sums at a time (see `statistics`).
+    Classes go to processes in contiguous blocks of about equal image counts; within a
+    class the dataset's order is kept.
+    """
+
+    def __init__(self, targets: Sequence[int], world_size: int = 1, rank: int = 0) -> None:
+        by_class: dict[int, list[int]] = {}
+        for position, label in enumerate(targets):
+            by_class.setdefault(int(label), []).append(position)
+        classes = sorted(by_class)
+        if len(classes) < world_size:
+            raise ValueError(f"the statistics sample holds {len(classes)} classes, fewer than the {world_size} "
+                             "processes that would each read whole classes: use fewer processes")
+        before = list(itertools.accumulate((len(by_class[c]) for c in classes), initial=0))  # images before class i
+        starts = [0]
+        for r in range(1, world_size):  # rank r starts at the first class beyond r/world_size of the images
+            first = bisect.bisect_left(before, r * len(targets) / world_size)
+            starts.append(min(max(first, starts[-1] + 1), len(classes) - (world_size - r)))
+        starts.append(len(classes))
+        self.indices = [p for c in classes[starts[rank]:starts[rank + 1]] for p in by_class[c]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def is_class_ordered(loader: Any) -> bool:
+    """Whether `loader` yields its items class by class (a DataLoader over a `ClassShardSampler`)."""
+    return isinstance(getattr(loader, "sampler", None), ClassShardSampler)
+
+
 def sample_loader(dataset: Dataset, batch_size: int, stop_batch: Optional[int], seed: int,
-                  workers: int = 0, class_balanced: bool = False) -> DataLoader:
+                  workers: int = 0, class_balanced: bool = False, class_ordered: bool = False) -> DataLoader:
     """Loader over a seeded random subset of `stop_batch * batch_size` items (all if None), for pruning statistics.
 
     The order is fixed by `seed`, so the same seed yields the same items in the same
-    order. `class_balanced` draws classes round-robin from `dataset.targets`. Pass
-    an un-augmented dataset.
+    order. `class_balanced` draws classes round-robin from `dataset.targets`.
+    `class_ordered` yields the same items class by class (`ClassShardSampler`), which
+    lets GFI-AP keep one class's maps at a time. Pass an un-augmented dataset.
     """
     _check_positive("batch_size", batch_size)
     if stop_batch is not None:
@@ -294,7 +333,9 @@ def sample_loader(dataset: Dataset, batch_size: int, stop_batch: Optional[int], 
         indices = [chosen[i] for i in torch.randperm(count, generator=generator).tolist()]
     else:
         indices = torch.randperm(total, generator=generator)[:count].tolist()
-    return make_loader(Subset(dataset, indices), batch_size, shuffle=False, workers=workers, seed=seed)
+    sample = Subset(dataset, indices)
+    sampler = ClassShardSampler(dataset_targets(sample)) if class_ordered else None
+    return make_loader(sample, batch_size, shuffle=False, workers=workers, seed=seed, sampler=sampler)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,

@@ -3,8 +3,9 @@
 ``run(Stage1Config(...))`` is what ``statistic_imagenet.py`` calls. Everything
 cheap is checked before the statistics pass. The statistics come from
 ``stop_batch x batch_size`` training images drawn class-balanced and shuffled
-with ``seed`` (the same images whatever the number of processes: under
-torchrun each rank reads its shard and the sums are all-reduced). A list of
+with ``seed`` (the same images whatever the number of processes), read class
+by class, so GFI-AP holds one class's maps at a time; under torchrun each rank
+reads whole classes and the sums are all-reduced. A list of
 targets (``sparsity=(0.3, 0.5)``) is a sweep scored from that one pass.
 
 Files (only rank 0 writes):
@@ -32,8 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import ensure_writable_dir
-from .data import imagenet_datasets, make_loader, sample_loader
+from .data import ClassShardSampler, dataset_targets, imagenet_datasets, make_loader, sample_loader
 from .distributed import DistInfo, barrier
+from .fingerprint import fingerprint
 from .flops import CONVENTIONS, keep_vectors
 from .graph import ModelGraph, trace
 from .masked import Masks
@@ -45,7 +47,7 @@ from .sites import read_points
 from .variants import CriterionOptions
 from .recalibrate import check_batches, recalibrate_batchnorm
 from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
-from .retrain import SLIM_DUMMY_SIZE, ShardSampler, _resolve_device, save_masks_checkpoint, save_slim_checkpoint
+from .retrain import SLIM_DUMMY_SIZE, _resolve_device, save_masks_checkpoint, save_slim_checkpoint
 from .groups import Unit
 from .scope import SCOPES, prunable_units, unit_convs
 from .scores import statistics_kinds
@@ -56,9 +58,6 @@ from .train import seed_everything
 STATISTICS_NAME, MASKS_NAME, SLIM_NAME = "statistics.pth", "masks.pth", "slim.pth"
 RESULTS_NAME, LAYERS_NAME, COSTS_NAME = "results.csv", "layers.csv", "costs.csv"
 MIN_INPUT_SIZE = 32
-# Statistics settings that must match for a statistics file to be reused.
-SAMPLING_KEYS = ("model", "num_classes", "weights_checksum", "stop_batch", "batch_size", "seed", "input_size",
-                 "site")
 
 
 @dataclass(frozen=True)
@@ -194,41 +193,35 @@ def load_model(config: Stage1Config, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def weights_checksum(model: nn.Module) -> float:
-    """Sum of |w| over all floating tensors of the state dict: tells two sets of weights apart."""
-    return float(sum(t.double().abs().sum() for t in model.state_dict().values() if t.is_floating_point()))
-
-
 def sampling_meta(config: Stage1Config, model: nn.Module, num_classes: int) -> Dict[str, Any]:
-    """What the statistics depend on besides the method (stored in the file, compared on reuse)."""
-    return {"model": config.model, "num_classes": num_classes, "weights_checksum": weights_checksum(model),
-            "stop_batch": config.stop_batch, "batch_size": config.batch_size, "seed": config.seed,
-            "input_size": config.input_size, "site": config.site}
+    """What the statistics record: the model, its classes and their fingerprint (weights hash, sample settings)."""
+    return {"model": config.model, "num_classes": num_classes,
+            "fingerprint": fingerprint(model, model=config.model, dataroot=config.dataroot, seed=config.seed,
+                                       stop_batch=config.stop_batch, batch_size=config.batch_size,
+                                       input_size=config.input_size, scope=config.scope,
+                                       feature_site=config.site)}
 
 
 def reuse_statistics(config: Stage1Config, model: nn.Module, meta: Dict[str, Any], path: Path
                      ) -> Optional[Statistics]:
-    """The statistics in an existing file if they match model, weights, sampling and method; else None."""
+    """The statistics in an existing file if they match model, fingerprint and method; else None."""
     if config.recompute_statistics or not path.exists():
         return None
-    stats = Statistics.load(str(path), model)
-    hint = "pass --recompute_statistics to gather new ones (or another --save_statistic_file)"
-    differ = [f"{k}={stats.meta.get(k)!r} (now {v!r})" for k, v in meta.items() if stats.meta.get(k) != v]
-    if differ:
-        raise ValueError(f"statistics file {str(path)!r} was gathered with other settings: {', '.join(differ)}; "
-                         + hint)
+    hint = "; pass --recompute_statistics to gather new ones (or another --save_statistic_file)"
+    stats = Statistics.load(str(path), model, fingerprint=meta["fingerprint"], hint=hint)
     missing = [k for k in statistics_kinds(config.method, config.cdp_mode) if not stats.has(k)]
     if missing:
         raise ValueError(f"statistics file {str(path)!r} holds {stats.kinds()}, not the {missing} that "
-                         f"--method {config.method} needs; " + hint)
+                         f"--method {config.method} needs" + hint)
     return stats
 
 
 def statistics_loader(config: Stage1Config, dataset: Dataset, info: DistInfo) -> DataLoader:
-    """This rank's shard of the seeded class-balanced sample of stop_batch x batch_size images."""
+    """This rank's whole classes of the seeded class-balanced sample of stop_batch x batch_size images, class by
+    class (so GFI-AP keeps one class's maps at a time)."""
     sample = sample_loader(dataset, config.batch_size, config.stop_batch, config.seed, class_balanced=True).dataset
     return make_loader(sample, config.batch_size, shuffle=False, workers=config.workers, seed=config.seed,
-                       sampler=ShardSampler(len(sample), info.world_size, info.rank))
+                       sampler=ClassShardSampler(dataset_targets(sample), info.world_size, info.rank))
 
 
 def dummy_input(config: Stage1Config) -> torch.Tensor:
@@ -238,7 +231,7 @@ def dummy_input(config: Stage1Config) -> torch.Tensor:
 
 def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, graph: ModelGraph,
                       layers: Sequence[str], meta: Dict[str, Any], info: DistInfo) -> Statistics:
-    """One statistics pass (split into passes by --stats_memory_gb for GFI-AP), saved by rank 0."""
+    """One statistics pass at the run's feature site, class by class, saved by rank 0."""
     loader = statistics_loader(config, dataset, info)
     if info.is_main:
         print(f"statistics: sampling {len(loader.dataset)} images (class-balanced, seed "
@@ -247,7 +240,7 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
                                num_classes=meta["num_classes"], memory_budget_gb=config.stats_memory_gb,
                                device=info.device, dummy_input=dummy_input(config).to(info.device),
                                progress=info.is_main, meta=meta,
-                               read_at=read_points(graph, layers, meta["site"]))
+                               read_at=read_points(graph, layers, config.site))
     model.cpu()
     if info.is_main:
         stats.save(str(statistics_path(config)))

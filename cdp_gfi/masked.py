@@ -1,42 +1,14 @@
-"""Masked (not yet slimmed) training: check that NNI masks fit a model, and keep pruned weights at zero."""
+"""Masked (not yet slimmed) training: keep pruned weights (and their BatchNorm channels) at zero."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
 from .graph import ModelGraph
+from .mask_files import Masks
 from .masks import with_batchnorm_masks
-
-Masks = Dict[str, Dict[str, Optional[torch.Tensor]]]
-
-
-def mask_problems(model: nn.Module, masks: Masks) -> List[str]:
-    """Every way `masks` fails to fit `model`: unknown or non-conv layers, wrong mask shapes, non-0/1 values."""
-    if not isinstance(masks, dict) or not masks:
-        return ["the masks are empty or not a {layer: {'weight': ..., 'bias': ...}} dict"]
-    modules = dict(model.named_modules())
-    problems = []
-    for name, entry in masks.items():
-        conv = modules.get(name)
-        if not isinstance(conv, nn.Conv2d):
-            problems.append(f"{name}: not a Conv2d of {type(model).__name__}")
-            continue
-        if not isinstance(entry, dict) or not torch.is_tensor(entry.get("weight")):
-            problems.append(f"{name}: no 'weight' mask tensor")
-            continue
-        for attr in ("weight", "bias"):
-            mask, param = entry.get(attr), getattr(conv, attr)
-            if mask is None:
-                continue
-            if param is None:
-                problems.append(f"{name}: a {attr} mask, but the conv has no {attr}")
-            elif tuple(mask.shape) != tuple(param.shape):
-                problems.append(f"{name}.{attr}: mask {tuple(mask.shape)} vs model {tuple(param.shape)}")
-            elif not ((mask == 0) | (mask == 1)).all():
-                problems.append(f"{name}.{attr}: mask values other than 0 and 1")
-    return problems
 
 
 class MaskEnforcer:

@@ -7,11 +7,12 @@ checked before any long work. Files written in ``save_dir``:
 - ``args.json``: the run's arguments (``resume`` refuses other ones);
 - ``baseline/``: the training log of a baseline trained here (its weights are
   cached as ``<baseline_dir>/<model>_<dataset>_seed<seed>.pth``);
-- ``pruned.pth``: the slimmed network before fine-tuning (``retrain``'s "slim"
-  checkpoint format); ``layers.csv`` (kept filters) and ``costs.csv`` (MACs
+- ``pruned.pth``: the slimmed network before fine-tuning (a "slim" checkpoint,
+  ``cdp_gfi.load_slim`` reads it); ``layers.csv`` (kept filters) and ``costs.csv`` (MACs
   and parameters, both conventions);
 - ``log.csv``, ``last.pth``, ``best.pth``: fine-tuning (``train.fit``); each
-  checkpoint also holds the pickled slim ``model``, its ``masks`` and ``args``;
+  checkpoint also holds what rebuilds the slim network (``slim_files.slim_recipe``:
+  ``load_slim`` reads them too) and ``args``;
 - ``summary.json`` and ``summary.csv``: the results in one record.
 
 ``sweep(config, targets)`` runs several targets from one statistics pass, each
@@ -21,6 +22,7 @@ point as above in ``point_<target>/`` (plus ``layers.png``), then writes
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,6 +40,7 @@ from .pretrained import load_pretrained
 from .recalibrate import check_batches, recalibrate_batchnorm
 from .data import Splits, cifar_datasets, digits_datasets, make_loader, sample_loader
 from .distributed import parse_device
+from .fingerprint import fingerprint
 from .flops import CONVENTIONS, keep_vectors
 from .graph import ModelGraph, trace
 from .masked import MaskEnforcer, Masks
@@ -45,7 +48,9 @@ from .masks import check_fraction, select, to_nni_masks
 from .models import build_model, input_size_for, models_for, num_classes_for
 from .plots import plot_kept_filters, plot_pruning_effect
 from .report import cost_summary, cost_table, kept_table, measure, removed_fraction, write_summary, write_table
-from .retrain import EpochTaggedSampler, SeededAugmentation, load_pruned_checkpoint, save_slim_checkpoint
+from .mask_files import kept_vectors
+from .retrain import EpochTaggedSampler, SeededAugmentation, load_pruned_checkpoint
+from .slim_files import rebuild_slim, save_slim_checkpoint, slim_recipe
 from .groups import Unit
 from .scope import SCOPES, prunable_units, unit_convs
 from .scores import scores_from_statistics, statistics_kinds
@@ -174,9 +179,18 @@ def load_splits(config: PruneConfig) -> Splits:
                           check_integrity=config.integrity_check)
 
 
+def baseline_recipe(config: PruneConfig) -> Dict[str, Any]:
+    """How a baseline is trained here (see ``train_baseline``): another recipe caches another baseline."""
+    return {"model": config.model, "dataset": config.dataset, "seed": config.seed, "epochs": config.baseline_epochs,
+            "lr": BASELINE_LR, "momentum": config.momentum, "wd": config.wd, "batch_size": config.batch_size,
+            "schedule": "cosine"}
+
+
 def baseline_path(config: PruneConfig) -> Path:
-    """Where a baseline trained by this package is cached."""
-    return Path(config.baseline_dir) / f"{config.model}_{config.dataset}_seed{config.seed}.pth"
+    """Where a baseline trained by this package is cached: named for its model, data, seed, epochs and recipe hash."""
+    recipe = hashlib.sha256(json.dumps(baseline_recipe(config), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(config.baseline_dir) / (f"{config.model}_{config.dataset}_seed{config.seed}"
+                                        f"_e{config.baseline_epochs}_{recipe}.pth")
 
 
 def load_baseline(config: PruneConfig, model: nn.Module) -> bool:
@@ -194,20 +208,26 @@ def load_baseline(config: PruneConfig, model: nn.Module) -> bool:
 
 
 def load_statistics(config: PruneConfig, model: nn.Module) -> Optional[Statistics]:
-    """The statistics in an existing ``--statistics_file``, checked against the model and method; else None."""
+    """The statistics in an existing ``--statistics_file``, checked against model, fingerprint and method; else None."""
     if not config.statistics_file:
         return None
     path = Path(config.statistics_file)
     if not path.exists():
         ensure_writable_dir(path.parent)
         return None
-    stats = Statistics.load(str(path), model)
+    stats = Statistics.load(str(path), model, fingerprint=statistics_fingerprint(config, model),
+                            hint="; delete it or give another --statistics_file")
     for kind in statistics_kinds(config.method, config.cdp_mode):
         stats.require(kind)
-    if stats.meta.get("site", "conv") != config.site:
-        raise ValueError(f"--statistics_file {str(path)!r} read feature maps at site {stats.meta.get('site', 'conv')!r}, "
-                         f"this run reads them at {config.site!r}; use another file or --site")
     return stats
+
+
+def statistics_fingerprint(config: PruneConfig, model: nn.Module) -> Dict[str, Any]:
+    """The fingerprint a statistics file of this run records: the weights' hash and the sample's settings."""
+    return fingerprint(model, model=config.model, dataroot=config.dataroot, seed=config.seed,
+                       stop_batch=config.stop_batch, batch_size=config.batch_size,
+                       input_size=input_size_for(config.dataset)[1], scope=config.scope,
+                       feature_site=config.site, extra={"dataset": config.dataset})
 
 
 def record_arguments(config: PruneConfig, save_dir: Path, overrides: Optional[Dict[str, Any]] = None) -> None:
@@ -248,22 +268,22 @@ def train_baseline(config: PruneConfig, model: nn.Module, loaders: Tuple[DataLoa
     print(f"baseline: training {config.model} for {config.baseline_epochs} epochs", flush=True)
     log = fit(model, *loaders, epochs=config.baseline_epochs, optimizer=optimizer, scheduler=scheduler,
               device=device, run_dir=save_dir / "baseline", resume=config.resume)
-    save_atomic({"state_dict": model.state_dict(), "model": config.model, "dataset": config.dataset,
-                 "seed": config.seed, "epochs": config.baseline_epochs, "top1": log.attrs["final_top1"]},
-                baseline_path(config))
+    save_atomic({"state_dict": model.state_dict(), "recipe": baseline_recipe(config), "model": config.model,
+                 "dataset": config.dataset, "top1": log.attrs["final_top1"]}, baseline_path(config))
 
 
 def gather_statistics(config: PruneConfig, model: nn.Module, dataset: Dataset, graph: ModelGraph, layers,
                       device: torch.device) -> Statistics:
-    """Statistics at ``config.site`` over a seeded sample of un-augmented training images; written to
-    ``--statistics_file`` if set."""
-    loader = sample_loader(dataset, config.batch_size, config.stop_batch, config.seed, config.workers)
+    """Statistics at ``config.site`` over a seeded sample of un-augmented training images, read class by class
+    (GFI-AP then holds one class's maps at a time); written to ``--statistics_file`` if set."""
+    loader = sample_loader(dataset, config.batch_size, config.stop_batch, config.seed, config.workers,
+                           class_ordered=True)
     stats = collect_statistics(
         model, loader, layers, statistics_kinds(config.method, config.cdp_mode),
         num_classes=num_classes_for(config.dataset), stop_batch=config.stop_batch, device=device,
         dummy_input=_dummy(config), read_at=read_points(graph, layers, config.site),
-        meta={"model": config.model, "dataset": config.dataset, "seed": config.seed,
-              "stop_batch": config.stop_batch, "site": config.site})
+        meta={"model": config.model, "dataset": config.dataset,
+              "fingerprint": statistics_fingerprint(config, model)})
     if config.statistics_file:
         stats.save(config.statistics_file)
     return stats
@@ -344,12 +364,12 @@ def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Ma
 def finetune(config: PruneConfig, model: nn.Module, masks: Masks, loaders: Tuple[DataLoader, DataLoader],
              device: torch.device, save_dir: Path,
              on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> pd.DataFrame:
-    """Fine-tune the slim network (SGD Nesterov, cosine or step); checkpoints carry model, masks and args."""
+    """Fine-tune the slim network (SGD Nesterov, cosine or step); checkpoints carry its recipe and args."""
     seed_everything(config.seed)
     optimizer = build_optimizer(model, config.lr, config.momentum, config.wd, nesterov=True)
     scheduler = build_scheduler(optimizer, config.schedule, config.epochs, len(loaders[0]))
-    extra = {"model": model, "model_name": config.model, "num_classes": num_classes_for(config.dataset),
-             "masks": masks, "args": asdict(config)}
+    extra = {"route": "slim", **slim_recipe(config.model, config.dataset, num_classes_for(config.dataset), masks),
+             "args": asdict(config)}
     return fit(model, *loaders, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler, device=device,
                run_dir=save_dir, make_checkpoint=lambda: extra, resume=config.resume, on_epoch_end=on_epoch_end)
 
@@ -401,7 +421,7 @@ def run_point(config: PruneConfig, session: Session, started: float,
     else:
         model, masks = prune(config, session.baseline, session.stats, session.splits[1], loaders[0], device)
         save_slim_checkpoint(pruned_path, config.model, model, masks, num_classes_for(config.dataset),
-                             asdict(config))
+                             asdict(config), dataset=config.dataset)
     costs = report(config, session.baseline, model, masks, save_dir)
     pruned_top1 = evaluate(model, loaders[1], device)["top1"]
     print(f"pruned top-1 right after pruning: {pruned_top1:.2f}%", flush=True)
@@ -472,7 +492,7 @@ def sweep_point(config: PruneConfig, session: Session, scores: Dict[str, torch.T
         plot_kept_filters(pd.read_csv(save_dir / "layers.csv"), save_dir / "layers.png",
                           f"{config.method} on {config.model}, {save_dir.name}")
     _, ckpt = load_pruned_checkpoint(save_dir / "pruned.pth")
-    return {**summary, "threshold": selection_threshold(scores, keep_vectors(ckpt["masks"])),
+    return {**summary, "threshold": selection_threshold(scores, kept_vectors(ckpt["masks"])),
             "point_time_s": summary["wall_time_s"]}
 
 
@@ -501,6 +521,4 @@ def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies
 def load_pruned(path: Path) -> Tuple[nn.Module, Masks]:
     """The slim network and its masks from this run's pruned.pth (written before fine-tuning began)."""
     _, ckpt = load_pruned_checkpoint(path)
-    model = ckpt["model"]
-    load_state_dict_strict(model, ckpt, what=str(path))
-    return model, ckpt["masks"]
+    return rebuild_slim(ckpt, what=str(path))

@@ -1,18 +1,20 @@
 """Stage 2 of the ImageNet pipeline: fine-tune a pruned network, single-process or under torchrun (DDP).
 
-Three checkpoint kinds travel between the stages (all written atomically with `save_atomic`):
+Three checkpoint kinds travel between the stages (written atomically with `save_atomic`; tensors and plain
+containers only, read with weights_only=True; masks are stored compact: kept filter indices per conv, see
+`mask_files`):
 
 - ``masks`` (stage 1, `save_masks_checkpoint`): {"kind": "masks", "model": model name, "num_classes": int,
-  "masks": NNI masks {conv: {"weight": 0/1, "bias": 0/1 or None}}, "state_dict": dense (pretrained) weights,
-  "args": dict}. Stage 2 rebuilds the dense model, loads the weights strictly, zeroes the pruned filters
-  (and their BatchNorm channels), keeps them at zero through training and slims at the end (``--make-mask``).
-- ``slim`` (stage 1's slimmed model, or stage 2's ``slim_final.pth``; `save_slim_checkpoint`): {"kind": "slim",
-  "model_name": str, "num_classes": int, "model": the pickled slimmed nn.Module, "state_dict": its weights,
-  "masks": the masks it was slimmed with or None, "args": dict}. Stage 2 fine-tunes it as is.
+  "masks": compact masks, "state_dict": dense (pretrained) weights, "args": dict}. Stage 2 rebuilds the dense
+  model, loads the weights strictly, zeroes the pruned filters (and their BatchNorm channels), keeps them at
+  zero through training and slims at the end (``--make-mask``).
+- ``slim`` (stage 1's slimmed model, or stage 2's ``slim_final.pth``; `slim_files.save_slim_checkpoint`):
+  {"kind": "slim", "model_name", "dataset", "num_classes", "masks" (the compact masks it was slimmed with),
+  "state_dict": its weights, "args"}; rebuilt by `slim_files.load_slim`. Stage 2 fine-tunes it as is.
 - ``retrain`` (this stage's ``checkpoint.pth.tar`` / ``model_best.pth.tar``): `fit`'s training state (state_dict,
   optimizer, scheduler, scaler, epoch, epochs, best_top1, best_epoch, log, rng) plus {"kind": "retrain",
-  "model_name", "num_classes", "route": "masked" | "slim" | "dense", "masks" (masked route) or None,
-  "model": the pickled module (slim route) or None, "args"}. ``--resume`` of it continues the run.
+  "model_name", "dataset", "num_classes", "route": "masked" | "slim" | "dense", "masks" (compact; None on the
+  dense route), "args"}. ``--resume`` of it continues the run.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ from .checkpoint import CheckpointError, PathLike, ensure_writable_dir, load_che
 from .data import imagenet_datasets, make_loader
 from .distributed import DistInfo, barrier, cleanup, init_distributed, parse_device
 from .graph import trace
-from .masked import MaskEnforcer, Masks, mask_problems
+from .mask_files import MaskFileError, compact_masks, expand_masks
+from .masked import MaskEnforcer, Masks
 from .masks import apply_masks
 from .models import IMAGENET_MODELS, build_model
 from .slim import slim
-from .statistics import infer_num_classes
+from .slim_files import SLIM_DUMMY_SIZE, rebuild_slim, save_slim_checkpoint
 from .train import build_optimizer, build_scheduler, evaluate, fit, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -48,11 +51,10 @@ logger = logging.getLogger(__name__)
 KINDS = ("masks", "slim", "retrain")
 _REQUIRED = {
     "masks": ("model", "num_classes", "masks", "state_dict"),
-    "slim": ("model_name", "num_classes", "model", "state_dict"),
-    "retrain": ("model_name", "num_classes", "route", "masks", "model", "state_dict", "epoch"),
+    "slim": ("model_name", "dataset", "num_classes", "masks", "state_dict"),
+    "retrain": ("model_name", "num_classes", "route", "masks", "state_dict", "epoch"),
 }
 CHECKPOINT_NAME, BEST_NAME, SLIM_FINAL_NAME = "checkpoint.pth.tar", "model_best.pth.tar", "slim_final.pth"
-SLIM_DUMMY_SIZE = 64  # ImageNet nets pool adaptively, so slimming at 64x64 gives the same network, fast
 _LIST_LIMIT = 8
 
 
@@ -60,28 +62,12 @@ class UsageError(ValueError):
     """Bad command-line input, reported as one `error:` line with exit status 2."""
 
 
-def _cpu(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    return value
-
-
 def save_masks_checkpoint(path: PathLike, model_name: str, num_classes: int, masks: Masks,
                           state_dict: Dict[str, torch.Tensor], args: Optional[Dict[str, Any]] = None) -> None:
-    """Write stage 1's masks checkpoint: the dense weights plus the NNI masks to apply to them."""
-    save_atomic({"kind": "masks", "model": model_name, "num_classes": int(num_classes), "masks": _cpu(masks),
-                 "state_dict": _cpu(dict(state_dict)), "args": dict(args or {})}, path)
-
-
-def save_slim_checkpoint(path: PathLike, model_name: str, model: nn.Module, masks: Optional[Masks] = None,
-                         num_classes: Optional[int] = None, args: Optional[Dict[str, Any]] = None) -> None:
-    """Write a slimmed model checkpoint: the pickled module and its weights (and the masks it came from)."""
-    model = unwrap_model(model)
-    save_atomic({"kind": "slim", "model_name": model_name, "num_classes": int(num_classes or infer_num_classes(model)),
-                 "model": model, "state_dict": _cpu(model.state_dict()),
-                 "masks": _cpu(masks) if masks is not None else None, "args": dict(args or {})}, path)
+    """Write stage 1's masks checkpoint: the dense weights plus the (compact) masks to apply to them."""
+    save_atomic({"kind": "masks", "model": model_name, "num_classes": int(num_classes),
+                 "masks": compact_masks(masks), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+                 "args": dict(args or {})}, path)
 
 
 def load_pruned_checkpoint(path: PathLike) -> Tuple[str, Dict[str, Any]]:
@@ -104,7 +90,7 @@ class Prepared:
     model: nn.Module
     model_name: str
     route: str  # "masked": dense + masks, slimmed at the end; "slim": trained as is; "dense": from scratch
-    masks: Optional[Masks]
+    masks: Optional[Masks]  # what the network was (masked route) or is being (slim route) pruned with
     retrain: Optional[Dict[str, Any]]  # a retrain checkpoint to continue
 
 
@@ -114,16 +100,16 @@ def _check_classes(ckpt_classes: int, num_classes: int, path: PathLike, dataroot
                          "class folders")
 
 
-def _masked_model(name: str, num_classes: int, masks: Masks, state_dict: Any, path: PathLike,
-                  ckpt_name: str) -> nn.Module:
-    """The dense `name` with `state_dict` loaded strictly, after checking that `masks` fit it."""
+def _masked_model(name: str, num_classes: int, compact: Dict[str, Any], state_dict: Any, path: PathLike,
+                  ckpt_name: str) -> Tuple[nn.Module, Masks]:
+    """The dense `name` with `state_dict` loaded strictly, and the stored masks rebuilt on it (refused if unfit)."""
     model = build_model(name, "imagenet", num_classes)
     load_state_dict_strict(model, state_dict, what=f"{str(path)!r} (weights of a {ckpt_name})")
-    problems = mask_problems(model, masks)
-    if problems:
-        more = f" (and {len(problems) - _LIST_LIMIT} more)" if len(problems) > _LIST_LIMIT else ""
-        raise UsageError(f"the masks in {str(path)!r} do not fit {name}: " + "; ".join(problems[:_LIST_LIMIT]) + more)
-    return model
+    try:
+        masks = expand_masks(model, compact, source=f"the masks in {str(path)!r}")
+    except MaskFileError as err:
+        raise UsageError(f"{err} ({name})") from None
+    return model, masks
 
 
 def _check_name(wanted: Optional[str], found: str, what: str) -> None:
@@ -147,8 +133,8 @@ def prepare_model(args: argparse.Namespace, num_classes: int) -> Prepared:
                              "add --make-mask to train the masked network and slim it at the end")
         _check_classes(ckpt["num_classes"], num_classes, path, args.dataroot)
         name = args.model or ckpt["model"]
-        model = _masked_model(name, num_classes, ckpt["masks"], ckpt["state_dict"], path, ckpt["model"])
-        return Prepared(model, name, "masked", ckpt["masks"], None)
+        model, masks = _masked_model(name, num_classes, ckpt["masks"], ckpt["state_dict"], path, ckpt["model"])
+        return Prepared(model, name, "masked", masks, None)
     route = "slim" if kind == "slim" else ckpt["route"]
     if args.make_mask and route != "masked":
         what = "an already slimmed" if route == "slim" else "a dense"
@@ -156,17 +142,15 @@ def prepare_model(args: argparse.Namespace, num_classes: int) -> Prepared:
                          "masks checkpoint; drop --make-mask to fine-tune it as is")
     _check_classes(ckpt["num_classes"], num_classes, path, args.dataroot)
     _check_name(args.model, ckpt["model_name"], f"{str(path)!r}")
-    name = ckpt["model_name"]
+    name, masks = ckpt["model_name"], None
     if route == "masked":
-        model = _masked_model(name, num_classes, ckpt["masks"], ckpt["state_dict"], path, name)
+        model, masks = _masked_model(name, num_classes, ckpt["masks"], ckpt["state_dict"], path, name)
     elif route == "slim":
-        model = ckpt["model"]
-        load_state_dict_strict(model, ckpt["state_dict"], what=f"{str(path)!r}")
+        model, masks = rebuild_slim({"dataset": "imagenet", **ckpt}, what=repr(str(path)))
     else:
         model = build_model(name, "imagenet", num_classes)
         load_state_dict_strict(model, ckpt["state_dict"], what=f"{str(path)!r}")
-    return Prepared(model, name, route, ckpt["masks"] if route == "masked" else None,
-                    ckpt if kind == "retrain" else None)
+    return Prepared(model, name, route, masks, ckpt if kind == "retrain" else None)
 
 
 class EpochTaggedSampler(DistributedSampler):
@@ -287,11 +271,12 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
         model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     optimizer = build_optimizer(model, args.lr, args.momentum, args.decay, nesterov=True)
     scheduler = build_scheduler(optimizer, "cosine", args.epochs, len(train_loader), args.warmup, args.warm_lr)
-    extra = {"kind": "retrain", "model_name": prepared.model_name, "num_classes": num_classes,
-             "route": prepared.route, "masks": prepared.masks, "args": vars(args)}
+    extra = {"kind": "retrain", "model_name": prepared.model_name, "dataset": "imagenet", "num_classes": num_classes,
+             "route": prepared.route, "masks": compact_masks(prepared.masks) if prepared.masks is not None else None,
+             "args": vars(args)}
     log = fit(model, train_loader, val_loader, epochs=args.epochs, optimizer=optimizer, scheduler=scheduler,
               device=info.device, run_dir=results_dir, resume=prepared.retrain is not None,
-              make_checkpoint=lambda: {**extra, "model": unwrap_model(model) if prepared.route == "slim" else None},
+              make_checkpoint=lambda: extra,
               label_smoothing=args.label_smoothing, amp=amp, after_step=enforce, is_main=info.is_main,
               train_sampler=sampler, checkpoint_names=(CHECKPOINT_NAME, BEST_NAME), log_interval=args.log_interval)
     if prepared.route == "masked" and info.is_main:

@@ -96,7 +96,9 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
     if any("_nni_wrapper" in n for n, _ in model.named_modules()):
         raise ValueError("the model is still wrapped by an NNI pruner: call pruner.unwrap_model() first")
     graph = graph or trace(model, dummy_input)
-    full_masks = with_batchnorm_masks(graph, masks)
+    # Copies: ModelSpeedup writes into the mask tensors it is given (scope "all" turned kept-filter rows to ones).
+    full_masks = {name: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+                  for name, entry in with_batchnorm_masks(graph, masks).items()}
     padding = _padding_owners(graph, masks)
     was_training = model.training
     gm = fx.symbolic_trace(model)
@@ -104,7 +106,7 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
     # GraphModule says "train", and BatchNorm running stats would drift on the random batches.
     gm.eval()
     try:
-        with _silenced():
+        with _silenced(), torch.enable_grad():  # NNI propagates sparsity through gradients
             ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=batch_size,
                          graph_module=gm, logger=_QUIET).speedup_model()
     finally:

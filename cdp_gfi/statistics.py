@@ -9,20 +9,28 @@ Kept per layer:
 - ``cdp_class``: per-class sums of a_i = GAP(ReLU(F_i)), [K, C] (CDP class-wise);
 - ``cdp_sample``: a_i for every sampled image, [N, C] (CDP per-sample: the
   per-filter mean that splits documents needs all of them);
-- ``gfi``: S_c = mean_hw |class-mean map|, [K, C], reduced from per-class map
-  sums [K, C, H, W] once all images are in (GFI-AP). Those sums are the one
-  large buffer; ``memory_budget_gb`` splits the layers into passes.
+- ``gfi``: S_c = mean_hw |class-mean map|, [K, C] (GFI-AP). A class-ordered
+  loader (``data.sample_loader(class_ordered=True)``, ``data.ClassShardSampler``)
+  needs one class's map sums [C, H, W] at a time: each class is reduced to its
+  row of S as soon as its last image is in. A loader in any other order keeps
+  per-class map sums [K, C, H, W] until all images are in: the one large buffer
+  (11 GB for ResNet-50 on 1000 classes); ``memory_budget_gb`` splits the layers
+  into passes.
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, save_atomic
+from .data import is_class_ordered
+from .fingerprint import check_fingerprint
 
 FORMAT = "cdp_gfi.statistics/1"
 KINDS = ("cdp_class", "cdp_sample", "gfi")
@@ -60,21 +68,26 @@ class Statistics:
 
     def save(self, path: str) -> None:
         """Write to ``path`` atomically (temp file, then rename)."""
-        from .checkpoint import save_atomic
         save_atomic({"format": FORMAT, **{k: _cpu(v) for k, v in self.__dict__.items()}}, path)
 
     @classmethod
-    def load(cls, path: str, model: Optional[nn.Module] = None) -> "Statistics":
-        """Read a statistics file; with ``model``, refuse one gathered on another model."""
+    def load(cls, path: str, model: Optional[nn.Module] = None, fingerprint: Optional[Mapping[str, Any]] = None,
+             hint: str = "") -> "Statistics":
+        """Read a statistics file (weights_only: it runs no code); with ``model``, refuse one of another model,
+        with ``fingerprint`` (`fingerprint.fingerprint`), one from other weights or sampling settings."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"statistics file not found: {path}")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
+            data = load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
             raise StatisticsError(f"{path} is not a readable statistics file: {exc}") from exc
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise StatisticsError(f"{path} is not a cdp_gfi statistics file (format {FORMAT})")
         stats = cls(**data)
+        if fingerprint is not None:
+            check_fingerprint(stats.meta.get("fingerprint"), fingerprint, f"statistics file {path!r}", hint)
         if model is not None:
             stats.check_model(model, source=path)
         return stats
@@ -129,13 +142,93 @@ def infer_num_classes(model: nn.Module) -> int:
     return linears[-1].out_features
 
 
+class _DenseGFI:
+    """GFI-AP sums for a loader in any order: per-class map sums [K, C, H, W] per layer, reduced at the end."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.k, self.sums = num_classes, {}
+
+    def begin_batch(self, labels: torch.Tensor) -> None:
+        """Nothing to do: any order is fine."""
+
+    def add(self, name: str, out: torch.Tensor, labels: torch.Tensor) -> None:
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(self.k, *out.shape[1:], device=out.device)
+        self.sums[name].index_add_(0, labels, out)
+
+    def finish(self, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """S per layer, [K, C], from every process's sums (``counts``: all processes' images per class)."""
+        from .distributed import all_reduce_sum_
+        for name in sorted(self.sums):
+            all_reduce_sum_(self.sums[name])
+        return _gfi_from_sums(self.sums, counts)
+
+
+class _ClassOrderedGFI:
+    """GFI-AP for a class-ordered loader: map sums only for the classes in flight, each reduced to its row
+    of S [K, C] as soon as a later class shows up. Under torch.distributed each process reads whole classes."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.k, self.open, self.scores = num_classes, {}, {}
+        self.counts = torch.zeros(num_classes, dtype=torch.long)  # this process's images per class
+        self.last = -1
+
+    def begin_batch(self, labels: torch.Tensor) -> None:
+        """Check the order, close the classes that can get no more images, count this batch's."""
+        labels = labels.cpu()
+        if not labels.numel():
+            return
+        if int(labels[0]) < self.last or bool((labels[1:] < labels[:-1]).any()):
+            raise StatisticsError(f"the loader is not in class order: class {int(labels.min())} came after class "
+                                  f"{max(self.last, int(labels.max()))}; class-ordered GFI-AP statistics need a "
+                                  "ClassShardSampler (pass class_ordered=False for any other order)")
+        self._close(below=int(labels[0]))
+        self.last = int(labels[-1])
+        self.counts += torch.bincount(labels, minlength=self.k)
+
+    def add(self, name: str, out: torch.Tensor, labels: torch.Tensor) -> None:
+        classes, sizes = torch.unique_consecutive(labels, return_counts=True)
+        running = self.open.setdefault(name, {})
+        for c, segment in zip(classes.tolist(), out.split(sizes.tolist())):  # labels are sorted: one slice a class
+            if c in running:
+                running[c].add_(segment.sum(dim=0))
+            else:
+                running[c] = segment.sum(dim=0)
+
+    def _close(self, below: int) -> None:
+        for name, running in self.open.items():
+            for c in [c for c in running if c < below]:
+                part = running.pop(c)
+                if name not in self.scores:
+                    self.scores[name] = torch.zeros(self.k, part.shape[0], device=part.device)
+                # mean_hw |sum / n| in one pass over the map: the L1 norm over (H, W), scaled
+                scale = int(self.counts[c]) * part.shape[1] * part.shape[2]
+                self.scores[name][c] = torch.linalg.vector_norm(part, ord=1, dim=(1, 2)).div_(scale)
+
+    def finish(self, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """S per layer, [K, C]: this process's classes, summed with the other processes' (disjoint) ones."""
+        from .distributed import all_reduce_sum_
+        self._close(below=self.k)
+        device = next(iter(self.scores.values())).device if self.scores else counts.device
+        readers = (self.counts > 0).long().to(device)
+        all_reduce_sum_(readers)
+        if bool((readers > 1).any()):
+            split = torch.nonzero(readers > 1).flatten().tolist()
+            raise StatisticsError(f"classes {split[:8]} were read by several processes; class-ordered GFI-AP "
+                                  "needs whole classes per process (ClassShardSampler)")
+        for name in sorted(self.scores):
+            all_reduce_sum_(self.scores[name])
+        return {name: t.cpu() for name, t in self.scores.items()}
+
+
 class _Accumulator:
     """Forward hooks that add one layer set's outputs into running sums."""
 
-    def __init__(self, model, layers, kinds, gfi_layers, num_classes, device, read_at=None):
+    def __init__(self, model, layers, kinds, gfi_layers, num_classes, device, class_ordered=False, read_at=None):
         self.kinds, self.gfi_layers, self.k = set(kinds), set(gfi_layers), num_classes
         self.labels: Optional[torch.Tensor] = None
-        self.cdp_class, self.cdp_sample, self.gfi_sums = {}, {n: [] for n in layers}, {}
+        self.cdp_class, self.cdp_sample = {}, {n: [] for n in layers}
+        self.gfi = _ClassOrderedGFI(num_classes) if class_ordered else _DenseGFI(num_classes)
         self.device = device
         modules = dict(model.named_modules())
         self.handles = []
@@ -163,9 +256,7 @@ class _Accumulator:
                 if "cdp_sample" in self.kinds:
                     self.cdp_sample[name].append(a)
             if name in self.gfi_layers:
-                if name not in self.gfi_sums:
-                    self.gfi_sums[name] = torch.zeros(self.k, *out.shape[1:], device=out.device)
-                self.gfi_sums[name].index_add_(0, self.labels, out)
+                self.gfi.add(name, out, self.labels)
         return hook
 
     def close(self):
@@ -204,6 +295,7 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
                        stop_batch: Optional[int] = None, memory_budget_gb: Optional[float] = None,
                        device: Optional[torch.device] = None, dummy_input: Optional[torch.Tensor] = None,
                        progress: bool = True, meta: Optional[dict] = None,
+                       class_ordered: Optional[bool] = None,
                        read_at: Optional[Mapping[str, Tuple[str, str]]] = None) -> Statistics:
     """Run ``data`` through ``model`` (eval, no_grad) and gather ``kinds`` for ``layers``.
 
@@ -212,9 +304,11 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
 
     ``data`` is an iterable of batches (a DataLoader) or an NNI Evaluator,
     whose training loop then only feeds batches (see ``drive_evaluator``).
-    ``stop_batch`` bounds the batches of each pass. GFI-AP sums that exceed
-    ``memory_budget_gb`` are gathered over several passes; the loader's
-    shuffling is replayed so every pass sees the same images. Under
+    ``stop_batch`` bounds the batches of each pass. ``class_ordered`` (default:
+    whether ``data`` is a DataLoader over a ``ClassShardSampler``) gathers GFI-AP
+    in one class's memory, in one pass; otherwise GFI-AP sums that exceed
+    ``memory_budget_gb`` are gathered over several passes, the loader's
+    shuffling replayed so every pass sees the same images. Under
     torch.distributed the sums are all-reduced, so every rank gets the result
     of one process reading all shards.
     """
@@ -231,12 +325,15 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
     device = device or next(model.parameters()).device
     k = num_classes or infer_num_classes(model)
     needs_labels = bool(set(kinds) & {"cdp_class", "gfi"})
+    ordered = is_class_ordered(data) if class_ordered is None else class_ordered
 
     was_training = model.training
     model.eval()
     try:
         gfi_passes = [[]]
-        if "gfi" in kinds:
+        if "gfi" in kinds and ordered:
+            gfi_passes = [list(layers)]
+        elif "gfi" in kinds:
             shapes = _output_shapes(model, data, layers, device, dummy_input)
             gfi_passes = plan_gfi_passes(shapes, k, memory_budget_gb)
         rng = _RngReplay(data)
@@ -244,7 +341,8 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
         for i, gfi_layers in enumerate(gfi_passes):
             rng.restore()
             pass_kinds = [x for x in kinds if x != "gfi" or gfi_layers] if i == 0 else ["gfi"]
-            acc = _Accumulator(model, layers if i == 0 else gfi_layers, pass_kinds, gfi_layers, k, device, read_at)
+            acc = _Accumulator(model, layers if i == 0 else gfi_layers, pass_kinds, gfi_layers, k, device, ordered,
+                               read_at)
             try:
                 counts, n_images = _run_pass(model, data, acc, stop_batch, device, needs_labels, k,
                                              progress, desc=f"statistics {i + 1}/{len(gfi_passes)}")
@@ -252,7 +350,8 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
                 acc.close()
             if i == 0:
                 result = _finish_first_pass(acc, layers, modules, counts, n_images, k, kinds, meta)
-            result.gfi.update(_gfi_from_sums(acc.gfi_sums, result.class_counts))
+            if gfi_layers:
+                result.gfi.update(acc.gfi.finish(result.class_counts))
     finally:
         model.train(was_training)
     _check_finite(result)
@@ -337,6 +436,8 @@ def _run_pass(model, data, acc, stop_batch, device, needs_labels, k, progress, d
             raise StatisticsError("class-wise statistics need labels, but the loader yields inputs only "
                                   "(use cdp_mode='sample', which needs none)")
         if y is not None:
+            if needs_labels:
+                acc.gfi.begin_batch(y.long())
             y = y.to(device).long()
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
                 raise StatisticsError(f"label {int(y.max())} outside [0, {k}): pass the right num_classes")
@@ -365,9 +466,8 @@ def _run_pass(model, data, acc, stop_batch, device, needs_labels, k, progress, d
     all_reduce_sum_(counts)
     n = torch.tensor([seen["images"]], device=device)
     all_reduce_sum_(n)
-    for sums in (acc.cdp_class, acc.gfi_sums):
-        for t in sums.values():
-            all_reduce_sum_(t)
+    for t in acc.cdp_class.values():
+        all_reduce_sum_(t)
     return counts, int(n.item())
 
 

@@ -48,7 +48,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Tensors and plain containers only, so checkpoints load with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if loader_generator is not None:  # a DataLoader's own generator drives its shuffling and worker seeds
         state["loader"] = loader_generator.get_state()
     if torch.cuda.is_available():
@@ -60,7 +64,9 @@ def _set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | No
     if loader_generator is not None and "loader" in state:
         loader_generator.set_state(state["loader"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,6 +21,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from cdp_gfi import build_model, collect_statistics, default_scope
+from cdp_gfi.data import ClassShardSampler
 from cdp_gfi.distributed import cleanup, init_distributed
 from cdp_gfi.graph import trace
 
@@ -35,8 +36,11 @@ loader = DataLoader(data, batch_size=5, sampler=sampler)
 layers = default_scope(trace(model, images[:1]))
 stats = collect_statistics(model, loader, layers, kinds=("cdp_class", "cdp_sample", "gfi"), num_classes=10,
                            progress=False)
+ordered = DataLoader(data, batch_size=5, sampler=ClassShardSampler(labels.tolist(), info.world_size, info.rank))
+gfi = collect_statistics(model, ordered, layers, kinds=("gfi",), num_classes=10, progress=False)
 if info.is_main:
     stats.save(sys.argv[1])
+    gfi.save(sys.argv[1] + ".ordered")
 cleanup()
 '''
 
@@ -77,6 +81,9 @@ def test_two_process_statistics_equal_one_process(tmp_path, monkeypatch):
         torch.testing.assert_close(ddp.cdp_class[name], one.cdp_class[name], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ddp.gfi[name], one.gfi[name], atol=1e-5, rtol=1e-5)
         _assert_same_rows(ddp.cdp_sample[name], one.cdp_sample[name])
+    ordered = Statistics.load(str(tmp_path / "ddp.pt.ordered"))  # each process read whole classes, in order
+    for name in one.layers:
+        torch.testing.assert_close(ordered.gfi[name], one.gfi[name], atol=1e-7, rtol=1e-5)
 
 
 def test_two_process_training_epoch_matches_one_process(imagefolder_root, tmp_path):

@@ -31,7 +31,7 @@ def pruned(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flops_cli")
     save_masks_checkpoint(folder / "masks.pth", "resnet20", 10, masks, dense.state_dict(), {"dataset": "cifar10"})
     model = slim(build_model("resnet20", "cifar10").eval(), masks, torch.zeros(1, 3, 32, 32))
-    save_slim_checkpoint(folder / "slim.pth", "resnet20", model, masks, 10, {"dataset": "cifar10"})
+    save_slim_checkpoint(folder / "slim.pth", "resnet20", model, masks, 10, {"dataset": "cifar10"}, dataset="cifar10")
     return folder / "masks.pth", folder / "slim.pth", model
 
 

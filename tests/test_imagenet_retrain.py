@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cdp_gfi import retrain
+from cdp_gfi import load_slim, retrain
 from cdp_gfi.checkpoint import load_checkpoint
 from cdp_gfi.flops import keep_vectors
 from cdp_gfi.graph import trace
@@ -70,7 +70,7 @@ def test_masks_route_keeps_pruned_weights_zero_and_slims(stage1, imagefolder_roo
     assert changed, "the kept channels should have trained"
     final = load_checkpoint(out / retrain.SLIM_FINAL_NAME)
     assert final["kind"] == "slim" and final["model_name"] == "resnet18"
-    slim_net = final["model"].eval()
+    slim_net = load_slim(out / retrain.SLIM_FINAL_NAME)
     assert sum(p.numel() for p in slim_net.parameters()) < sum(p.numel() for p in dense.parameters())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -83,8 +83,10 @@ def test_slim_route_trains_the_slimmed_model(stage1, imagefolder_root, tmp_path)
     out = tmp_path / "out"
     assert _run(imagefolder_root, out, "--resume", str(stage1["slim"]), "--warmup", "0.5", "--warm_lr", "0.001") == 0
     ckpt = load_checkpoint(out / retrain.CHECKPOINT_NAME)
-    assert ckpt["route"] == "slim" and ckpt["masks"] is None and not (out / retrain.SLIM_FINAL_NAME).exists()
-    slimmed = load_checkpoint(stage1["slim"])["state_dict"]
+    assert ckpt["route"] == "slim" and not (out / retrain.SLIM_FINAL_NAME).exists()
+    stored = load_checkpoint(stage1["slim"])
+    assert all(torch.equal(ckpt["masks"][n]["kept"], m["kept"]) for n, m in stored["masks"].items())
+    slimmed = stored["state_dict"]
     assert {k: v.shape for k, v in ckpt["state_dict"].items()} == {k: v.shape for k, v in slimmed.items()}
     log = pd.read_csv(out / "log.csv")
     assert list(log["epoch"]) == [1] and 0 <= log["test_top1"].iloc[0] <= log["test_top5"].iloc[0] <= 100
@@ -158,11 +160,11 @@ def test_bad_checkpoints(stage1, imagefolder_root, tmp_path, capsys):
     assert "does not match ResNet" in line and "missing keys" in line and "layer1.2" in line
     masks = load_checkpoint(stage1["masks"])
     bad = {"layer9.conv1" if n == "layer1.0.conv1" else n: m for n, m in masks["masks"].items()}
-    bad["layer2.0.conv1"] = {"weight": torch.ones(3, 3, 3, 3), "bias": None}
-    retrain.save_masks_checkpoint(tmp_path / "bad.pth", "resnet18", 10, bad, masks["state_dict"])
+    bad["layer2.0.conv1"] = {"kept": torch.arange(3), "filters": 3}
+    torch.save({**masks, "masks": bad}, tmp_path / "bad.pth")
     assert _run(imagefolder_root, out, "--resume", str(tmp_path / "bad.pth"), "--make-mask") == 2
     line = _error_line(capsys)
-    assert "layer9.conv1: not a Conv2d" in line and "layer2.0.conv1.weight: mask (3, 3, 3, 3)" in line
+    assert "layer9.conv1: not a Conv2d" in line and "layer2.0.conv1: 3 filters in the masks, 128 in the model" in line
     assert not out.exists()
 
 

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,10 +14,12 @@ import torch
 from torch.utils.data import Subset
 
 import cdp_gfi.pipeline as pipeline
-from cdp_gfi import build_model, slim
-from cdp_gfi.checkpoint import load_state_dict_strict
+from cdp_gfi import build_model, load_slim, slim
+from cdp_gfi.checkpoint import load_checkpoint, load_state_dict_strict
 from cdp_gfi.data import cifar_datasets, digits_datasets, make_loader
+from cdp_gfi.fingerprint import FingerprintMismatchError
 from cdp_gfi.flops import keep_vectors
+from cdp_gfi.mask_files import expand_masks
 from cdp_gfi.train import evaluate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prune_cifar.py"
@@ -85,13 +88,13 @@ def test_cifar_run_writes_reports_checkpoints_and_summary(cifar_run, cifar_root)
     assert 0 <= summary["pruned_top1_before_finetune"] <= 100 and 0 <= summary["pruned_top1_recalibrated"] <= 100
 
 
-def test_checkpoint_reloads_with_plain_torch(cifar_run, cifar_root):
+def test_checkpoint_reloads_with_load_slim(cifar_run, cifar_root):
     save_dir, _, _ = cifar_run
-    ckpt = torch.load(save_dir / "last.pth", weights_only=False)
-    net = ckpt["model"].eval()
+    ckpt = torch.load(save_dir / "last.pth", weights_only=True)  # tensors and plain containers only
+    net = load_slim(save_dir / "last.pth")
     assert ckpt["epoch"] == 3 and ckpt["args"]["sparsity"] == 0.3 and "optimizer" in ckpt and "scheduler" in ckpt
     rebuilt = build_model("resnet20", "cifar10").eval()  # architecture from the masks, weights from the state_dict
-    slim(rebuilt, ckpt["masks"], torch.zeros(1, 3, 32, 32))
+    slim(rebuilt, expand_masks(rebuilt, ckpt["masks"]), torch.zeros(1, 3, 32, 32))
     load_state_dict_strict(rebuilt, ckpt["state_dict"])
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -110,10 +113,24 @@ def test_statistics_file_is_reused_and_gives_the_same_masks(cifar_run, tmp_path,
     monkeypatch.setattr(pipeline, "collect_statistics", must_not_run)
     argv = [a if a != str(save_dir) else str(tmp_path) for a in argv] + ["--epochs", "1"]
     assert prune_cifar.main(argv) == 0
-    first = torch.load(save_dir / "pruned.pth", weights_only=False)["masks"]
-    again = torch.load(tmp_path / "pruned.pth", weights_only=False)["masks"]
+    first = torch.load(save_dir / "pruned.pth", weights_only=True)["masks"]
+    again = torch.load(tmp_path / "pruned.pth", weights_only=True)["masks"]
     assert first.keys() == again.keys()
-    assert all(torch.equal(first[n]["weight"], again[n]["weight"]) for n in first)
+    assert all(torch.equal(first[n]["kept"], again[n]["kept"]) for n in first)
+
+
+def test_statistics_file_of_other_weights_or_settings_is_refused(cifar_run):
+    _, stats, argv = cifar_run
+    config = pipeline.resolve(config_of(argv))
+    torch.manual_seed(1)
+    other = build_model("resnet20", "cifar10")  # the same architecture, other weights
+    with pytest.raises(FingerprintMismatchError, match="other weights: weights_sha256"):
+        pipeline.load_statistics(config, other)
+    trained = build_model("resnet20", "cifar10")
+    load_state_dict_strict(trained, argv[argv.index("--pretrained_dir") + 1])
+    assert pipeline.load_statistics(config, trained).meta["fingerprint"]["stop_batch"] == 2
+    with pytest.raises(FingerprintMismatchError, match="stop_batch 2 in file, 3 now"):
+        pipeline.load_statistics(replace(config, stop_batch=3), trained)
 
 
 def interrupt_after_epoch_2(epoch, row):
@@ -126,11 +143,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(cifar_run, cifar_root,
     argv = cifar_args(cifar_root, pretrained, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(config_of(argv), on_epoch_end=interrupt_after_epoch_2)
-    assert torch.load(tmp_path / "last.pth", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
     assert not (tmp_path / "summary.json").exists()
     assert prune_cifar.main(argv + ["--resume"]) == 0
-    resumed = torch.load(tmp_path / "last.pth", weights_only=False)
-    expected = torch.load(reference / "last.pth", weights_only=False)
+    resumed = torch.load(tmp_path / "last.pth", weights_only=True)
+    expected = torch.load(reference / "last.pth", weights_only=True)
     for key, value in expected["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "log.csv")[LOGGED], pd.read_csv(reference / "log.csv")[LOGGED])
@@ -147,7 +164,7 @@ def test_sigint_keeps_the_last_complete_checkpoint(cifar_root, pretrained, tmp_p
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
-    assert 1 <= torch.load(tmp_path / "last.pth", weights_only=False)["epoch"] < 60
+    assert 1 <= torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] < 60
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -163,7 +180,14 @@ def digits_run(tmp_path_factory):
 
 def test_digits_demo_trains_caches_and_prunes_its_baseline(digits_run):
     save_dir, base_dir = digits_run
-    assert (base_dir / "resnet20_digits_seed0.pth").is_file()
+    cached = list(base_dir.iterdir())
+    config = pipeline.resolve(config_of(["--dataset", "digits", "--baseline_epochs", "1", "--batch_size", "128",
+                                         "--baseline_dir", str(base_dir)]))
+    assert [p.name for p in cached] == [pipeline.baseline_path(config).name]
+    assert cached[0].name.startswith("resnet20_digits_seed0_e1_")
+    assert load_checkpoint(cached[0])["recipe"] == pipeline.baseline_recipe(config)
+    other_recipes = [replace(config, wd=1e-4), replace(config, batch_size=64), replace(config, baseline_epochs=2)]
+    assert len({pipeline.baseline_path(c) for c in [config, *other_recipes]}) == 4  # each would train its own
     assert pd.read_csv(save_dir / "baseline" / "log.csv")["epoch"].tolist() == [1]
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["flops_reduction"] == pipeline.DIGITS_FLOPS_REDUCTION
@@ -201,12 +225,12 @@ def test_layerwise_retrain_holds_masks_and_keeps_one_shot_masks(digits_run, smal
     out = capsys.readouterr().out
     assert "baseline: reusing" in out
     retrained = [line.split()[1] for line in out.splitlines() if line.startswith("layerwise:")]
-    oneshot = torch.load(tmp_path / "oneshot" / "pruned.pth", weights_only=False)
-    layerwise = torch.load(tmp_path / "layerwise" / "pruned.pth", weights_only=False)
-    pruned_layers = [n for n, m in oneshot["masks"].items() if not m["weight"].all()]
+    oneshot = torch.load(tmp_path / "oneshot" / "pruned.pth", weights_only=True)
+    layerwise = torch.load(tmp_path / "layerwise" / "pruned.pth", weights_only=True)
+    pruned_layers = [n for n, m in oneshot["masks"].items() if len(m["kept"]) < m["filters"]]
     assert retrained == pruned_layers and retrained  # one layer at a time, in model order
     for name, mask in oneshot["masks"].items():
-        assert torch.equal(mask["weight"], layerwise["masks"][name]["weight"])  # the masks stay one-shot
+        assert torch.equal(mask["kept"], layerwise["masks"][name]["kept"])  # the masks stay one-shot
     assert any(not torch.equal(v, layerwise["state_dict"][k]) for k, v in oneshot["state_dict"].items()
                if v.is_floating_point())  # the weights did train
 
@@ -308,7 +332,7 @@ def test_scope_all_prunes_the_residual_stream(cifar_root, pretrained, tmp_path):
                       "--method", "gfi")
     argv[argv.index("--sparsity") + 1] = "0.5"
     assert prune_cifar.main(argv) == 0
-    model = torch.load(save_dir / "last.pth", weights_only=False)["model"]
+    model = load_slim(save_dir / "last.pth")
     layers = pd.read_csv(save_dir / "layers.csv")
     assert "layer1.0.conv2" in set(layers["layer"])  # stream convs are in the ranking
     assert model.conv1.out_channels == model.layer1[0].conv2.out_channels == model.layer1[2].conv2.out_channels

@@ -16,8 +16,9 @@ import cdp_gfi.imagenet_prune as stage1
 import cdp_gfi.statistics as statistics
 from cdp_gfi import retrain
 from cdp_gfi.checkpoint import load_checkpoint
+from cdp_gfi import load_slim
 from cdp_gfi.data import imagenet_datasets, make_loader
-from cdp_gfi.flops import keep_vectors
+from cdp_gfi.mask_files import expand_masks, kept_vectors
 from cdp_gfi.graph import trace
 from cdp_gfi.masks import apply_masks
 from cdp_gfi.models import build_model
@@ -43,7 +44,7 @@ def args(root: Path, out: Path, *extra: str, device: str = "cpu") -> List[str]:
 
 
 def keep_of(path: Path) -> Dict[str, torch.Tensor]:
-    return keep_vectors(load_checkpoint(path)["masks"])
+    return kept_vectors(load_checkpoint(path)["masks"])
 
 
 def assert_same_keep(a: Path, b: Path) -> None:
@@ -106,15 +107,16 @@ def test_cdp_run_writes_every_file_and_the_slim_net_equals_the_masked_one(cdp_di
     dense = build_model("resnet18", "imagenet", num_classes=10)
     dense.load_state_dict(masks_ckpt["state_dict"])
     graph = trace(dense, torch.zeros(1, 3, 32, 32))
-    masked = apply_masks(dense.eval(), masks_ckpt["masks"], graph)
+    masked = apply_masks(dense.eval(), expand_masks(dense, masks_ckpt["masks"]), graph)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert not torch.allclose(slim_ckpt["model"].eval()(x), masked(x), atol=1e-3)  # its BN was re-estimated
+        slim_net = load_slim(cdp_dir / "slim.pth")
+        assert not torch.allclose(slim_net(x), masked(x), atol=1e-3)  # its BN was re-estimated ...
     # ... on the same 8 batches (the default 20, capped by 60 images / batch 8) that re-estimate the masked one
     plain = imagenet_datasets(imagefolder_root, 32)[1]
     recalibrate_batchnorm(masked, make_loader(plain, 8, shuffle=True, seed=0), 8, progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(slim_ckpt["model"].eval()(x), masked(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(slim_net(x), masked(x), atol=1e-4, rtol=1e-4)
     results = pd.read_csv(cdp_dir / "results.csv")
     assert len(results) == 1 and results["achieved_sparsity"].iloc[0] == pytest.approx(0.5, abs=0.01)
     assert results["macs_after"].iloc[0] < results["macs_before"].iloc[0]
@@ -178,12 +180,11 @@ def test_sweep_scores_every_point_from_one_statistics_pass(gfi_sweep):
     assert not (out / "masks.pth").exists()
 
 
-def test_tiny_memory_budget_splits_gfi_statistics_into_passes_with_the_same_masks(gfi_sweep, imagefolder_root,
-                                                                                    tmp_path):
+def test_gfi_statistics_read_class_by_class_in_one_pass_whatever_the_budget(gfi_sweep, imagefolder_root, tmp_path):
     out = tmp_path / "bounded"
     plans = counted_run(args(imagefolder_root, out, "--allow_random_init", "--method", "gfi", "--sparsity", "0.3",
                              "--stats_memory_gb", "1e-5"), statistics, "plan_gfi_passes")
-    assert len(plans.results[0]) > 1
+    assert plans.calls == 0  # class-ordered: one class's maps at a time, no passes to plan
     assert_same_keep(out / "masks.pth", gfi_sweep[0] / "sparsity_0.3" / "masks.pth")
 
 
@@ -269,9 +270,15 @@ def test_bad_paths_and_inputs_get_one_error_line(imagefolder_root, cdp_dir, tmp_
     assert "does not match this model" in _error(capsys, args(
         imagefolder_root, out, "--allow_random_init", "--sparsity", "0.3", "--save_statistic_path", str(tmp_path),
         "--save_statistic_file", "other.pth"))
-    assert "--recompute_statistics" in _error(capsys, args(
-        imagefolder_root, out, "--allow_random_init", "--sparsity", "0.3", "--save_statistic_path", str(cdp_dir),
-        "--stop_batch", "4"))
+    line = _error(capsys, args(imagefolder_root, out, "--allow_random_init", "--sparsity", "0.3",
+                               "--save_statistic_path", str(cdp_dir), "--stop_batch", "4"))
+    assert "stop_batch 5 in file, 4 now" in line and "--recompute_statistics" in line
+    seed_everything(1)
+    other = tmp_path / "other_weights.pth"
+    torch.save(build_model("resnet18", "imagenet", num_classes=10).state_dict(), other)
+    line = _error(capsys, args(imagefolder_root, out, "--pretrained_dir", str(other), "--sparsity", "0.3",
+                               "--save_statistic_path", str(cdp_dir)))
+    assert "from other weights: weights_sha256" in line and "--recompute_statistics" in line
     assert "--recompute_statistics" in _error(capsys, args(
         imagefolder_root, out, "--allow_random_init", "--sparsity", "0.3", "--save_statistic_path", str(cdp_dir),
         "--method", "gfi"))

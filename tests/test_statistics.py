@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdp_gfi import build_model
+from cdp_gfi.data import ClassShardSampler, TensorImageDataset, is_class_ordered, sample_loader
 from cdp_gfi.statistics import Statistics, StatisticsError, collect_statistics, plan_gfi_passes
 
 LAYERS = ["layer1.0.conv1", "layer2.1.conv1", "layer3.2.conv1"]
@@ -84,6 +85,36 @@ def test_gfi_memory_budget_splits_passes_with_same_result(model, data):
                                progress=False)
     for name in LAYERS:  # same shuffled images in every pass
         assert torch.allclose(one.gfi[name], split.gfi[name], atol=1e-6)
+
+
+def test_class_ordered_gfi_equals_the_unordered_one(model, data):
+    x, y = data
+    dataset = TensorImageDataset(x, y.tolist(), [str(c) for c in range(10)])
+    unordered = DataLoader(dataset, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(0))
+    ordered = sample_loader(dataset, 6, None, seed=0, class_ordered=True)  # same images, class by class
+    assert is_class_ordered(ordered) and not is_class_ordered(unordered)
+    labels = [int(t) for _, yb in ordered for t in yb]
+    assert labels == sorted(labels) and len(labels) == 40
+    kinds = ["cdp_class", "gfi"]
+    one = collect_statistics(model, unordered, LAYERS, kinds, num_classes=10, progress=False)
+    two = collect_statistics(model, ordered, LAYERS, kinds, num_classes=10, progress=False)
+    assert torch.equal(one.class_counts, two.class_counts)
+    for name in LAYERS:
+        torch.testing.assert_close(two.gfi[name], one.gfi[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(two.gfi[name], _reference(model, x, y, name)[2], rtol=1e-5, atol=1e-7)
+    with pytest.raises(StatisticsError, match="not in class order"):
+        collect_statistics(model, unordered, LAYERS, ["gfi"], num_classes=10, progress=False, class_ordered=True)
+
+
+def test_class_shards_give_each_process_whole_classes():
+    targets = [3, 1, 1, 2, 0, 0, 0, 2, 3, 3, 1]
+    for world in (1, 2, 3, 4):
+        shards = [list(ClassShardSampler(targets, world, rank)) for rank in range(world)]
+        assert sorted(p for shard in shards for p in shard) == list(range(len(targets)))
+        classes = [{targets[p] for p in shard} for shard in shards]
+        assert all(classes) and sum(map(len, classes)) == 4  # no class split, none empty
+    with pytest.raises(ValueError, match="fewer than the 5 processes"):
+        ClassShardSampler(targets, 5, 0)
 
 
 def test_file_round_trip_and_mismatch(model, data, tmp_path):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from ..mask_files import expand_masks
 from ..graph import ModelGraph, live_channels, trace
 from ..models import CIFAR_MODELS, DATASETS, MODEL_NAMES, build_model, input_size_for
 
@@ -131,17 +132,16 @@ def _count(vec: Optional[torch.Tensor], full: int) -> int:
 
 @dataclass
 class Counted:
-    """What the command counts: the dense network, and the pruned one as masks or as a slim module."""
+    """What the command counts: the dense network, and the pruned one as masks (counted as if slimmed)."""
 
     title: str
     input_size: Tuple[int, int, int]
     dense: nn.Module
     masks: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
-    slim: Optional[nn.Module] = None
 
     @property
     def pruned(self) -> bool:
-        return self.masks is not None or self.slim is not None
+        return self.masks is not None
 
 
 def _dataset_for(name: str, given: Optional[str], saved: Any) -> str:
@@ -191,10 +191,8 @@ def _from_checkpoint(path: Path, dataset: Optional[str], model: Optional[str], i
     route = ckpt.get("route", kind)
     what = f"{name} on {ds}, {kind or 'training'} checkpoint {path}"
     size = _input_size(ds, input_size)
-    if isinstance(ckpt.get("model"), nn.Module) and route != "masked":
-        return Counted(what, size, dense, slim=ckpt["model"].eval())
-    if route in ("masks", "masked"):
-        return Counted(what, size, dense, masks=ckpt["masks"])
+    if route in ("masks", "masked", "slim") and ckpt.get("masks") is not None:  # counted as if slimmed
+        return Counted(what, size, dense, masks=expand_masks(dense, ckpt["masks"], source=str(path)))
     load_state_dict_strict(dense, ckpt, what=str(path))
     return Counted(f"{name} on {ds}, dense checkpoint {path}", size, dense)
 
@@ -214,8 +212,7 @@ def totals_table(counted: Counted, exact: bool = False) -> pd.DataFrame:
         macs0, params0 = count_flops(counted.dense, counted.input_size, convention)
         row = {"convention": convention, "MACs": macs0, "params": params0}
         if counted.pruned:
-            macs1, params1 = (count_flops(counted.slim, counted.input_size, convention) if counted.slim is not None
-                              else count_flops(counted.dense, counted.input_size, convention, counted.masks))
+            macs1, params1 = count_flops(counted.dense, counted.input_size, convention, counted.masks)
             row = {"convention": convention, "MACs before": macs0, "MACs after": macs1,
                    "MACs reduction %": round(100.0 * (1 - macs1 / macs0), 2), "params before": params0,
                    "params after": params1, "params reduction %": round(100.0 * (1 - params1 / params0), 2)}
@@ -228,8 +225,7 @@ def per_layer_table(counted: Counted, convention: str) -> pd.DataFrame:
     before = layer_table(counted.dense, counted.input_size, convention)
     if not counted.pruned:
         return before
-    after = (layer_table(counted.slim, counted.input_size, convention) if counted.slim is not None
-             else layer_table(counted.dense, counted.input_size, convention, counted.masks))
+    after = layer_table(counted.dense, counted.input_size, convention, counted.masks)
     merged = before.merge(after[["module", "macs", "params"]], on="module", how="left", suffixes=("_before", "_after"))
     return merged.fillna(0).astype({"macs_after": int, "params_after": int})
 
