@@ -8,7 +8,9 @@ channel-padding shortcut's zero channels unite with nothing); a grouped conv
 unites its input channels, and its own filters, at the same place in every
 group (so each group loses the same ones), and so does a channel shuffle;
 a depthwise conv's filters and a
-squeeze-excitation gate's expanding conv *follow* the channels they act on.
+squeeze-excitation gate's expanding conv *follow* the channels they act on
+(the gate's reducing conv is never ranked: a few filters on 1x1 maps, which
+a global ranking would empty first).
 A group touching anything we cannot shrink (the model input or output, an
 op we do not understand) is pinned. What remains:
 
@@ -219,11 +221,10 @@ def _components(graph: ModelGraph, flow: _Flow) -> Dict[Channel, _Group]:
             root = flow.uf.find(c)
             if root == pinned:
                 continue
-            group = comps.setdefault(root, _Group())
             if kind == "depthwise" or name in flow.gate_convs:
-                group.followers.append((name, k))
-            else:
-                group.ranked.append((name, k))
+                comps.setdefault(root, _Group()).followers.append((name, k))
+            elif name not in flow.gate_branches:  # a gate's own reducer stays whole (few filters, 1x1 maps)
+                comps.setdefault(root, _Group()).ranked.append((name, k))
     return {r: g for r, g in comps.items() if g.ranked}
 
 
@@ -269,7 +270,9 @@ def internal_units(graph: ModelGraph) -> Dict[str, Unit]:
         mine = [c for g in gs for c in g.ranked]
         if len(mine) != graph.modules[conv].out_channels or any(c in flow.added for c in mine):
             continue
-        readers = set().union(*(flow.consumers.get(c, set()) for c in mine)) - flow.gate_branches
+        readers = set().union(*(flow.consumers.get(c, set()) for c in mine))
+        if conv not in flow.gate_branches:  # a gate's branch reads the map it scales: not a second consumer
+            readers -= flow.gate_branches
         if len(readers) == 1:
             chosen.extend(gs)
     return _units(graph, chosen)
