@@ -127,12 +127,12 @@ def main() -> None:
     parser.add_argument("--models", default=MODELS, help="comma-separated torchvision names")
     parser.add_argument("--size", type=int, default=96, help="input height = width")
     parser.add_argument("--target", type=float, default=0.3, help="fraction of MACs to remove")
-    parser.add_argument("--scopes", default=",".join(SCOPES))
+    parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated; empty: Torch-Pruning only")
     parser.add_argument("--no-competitor", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     started, rows = time.perf_counter(), []
-    jobs = [(m, s) for m in args.models.split(",") for s in args.scopes.split(",")]
+    jobs = [(m, s) for m in args.models.split(",") for s in args.scopes.split(",") if s]
     jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in args.models.split(",")]
     for name, scope in tqdm(jobs, desc="coverage"):
         try:
