@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
-import torch.fx as fx
 
 from .graph import ModelGraph, Step, channel_steps, channels
 
