@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Stage 1: prune an ImageNet CNN with CDP or GFI-AP from sampled statistics; write "
                                   "statistics, masks, the slim network and a MACs/params report.")
     a = p.add_argument
-    a("--model", choices=IMAGENET_MODELS, default="resnet50", help="torchvision architecture (vgg* = vgg*_bn)")
+    a("--model", choices=IMAGENET_MODELS, default="resnet50", metavar="NAME",
+      help="any torchvision classification CNN by its torchvision.models name (resnet50, mobilenet_v2, "
+           "efficientnet_b0, ...; plain vggNN = vggNN_bn; default resnet50)")
     a("--pretrained_dir", help="trained weights: a state_dict, {'state_dict': ...}, a checkpoint of ours, or a "
                                "torchvision weights file (nested or bare, 'module.' ok); loaded strictly")
     a("--allow_random_init", action="store_true",

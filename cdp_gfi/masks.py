@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .flops import keep_vectors, macs_of
-from .graph import ModelGraph, following_batchnorms
+from .graph import ModelGraph, batchnorm_keep
 from .groups import Unit
 from .ranking import cost_weighted, normalize
 
@@ -180,16 +180,16 @@ def to_nni_masks(model: Union[nn.Module, Mapping[str, nn.Module]], keep: Keep
 
 
 def with_batchnorm_masks(graph: ModelGraph, masks: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Add masks for the BatchNorms right after each masked conv, so pruned channels are exactly zero.
+    """Add masks for every BatchNorm reading a pruned channel (after a conv, a depthwise conv or a
+    concatenation), so pruned channels are exactly zero.
 
     The CDP authors left these BNs unmasked: a "pruned" channel then still
     carried BN's shift, and the masked and slimmed networks differed.
     """
     out = dict(masks)
-    for name, k in keep_vectors(masks).items():
-        for bn in following_batchnorms(graph, name):
-            kf = k.to(graph.modules[bn].weight.device, graph.modules[bn].weight.dtype)
-            out[bn] = {"weight": kf.clone(), "bias": kf.clone()}
+    for bn, k in batchnorm_keep(graph, keep_vectors(masks)).items():
+        kf = k.to(graph.modules[bn].weight.device, graph.modules[bn].weight.dtype)
+        out[bn] = {"weight": kf.clone(), "bias": kf.clone()}
     return out
 
 
@@ -244,23 +244,23 @@ def round_up(units: Dict[str, Unit], keep: Keep, scores: Scores, multiple: int) 
 
 
 def _keep_each_conv(units: Dict[str, Unit], unit_keep: Keep, unit_score: Scores) -> Keep:
-    """A conv of a unit left with no channel gets its best group back."""
+    """A conv of a unit (ranked or follower) left with no channel gets its best group back."""
     out = {}
     for name, unit in units.items():
         k = unit_keep[name].clone()
-        for conv in unit.convs:
-            members = [i for i, g in enumerate(unit.groups) if any(c == conv for c, _ in g)]
-            if not k[members].any():
-                k[max(members, key=lambda i: float(unit_score[name][i]))] = True
+        for groups, _ in unit.members().values():
+            if not k[groups].any():
+                k[groups[torch.argmax(unit_score[name][groups])]] = True
         out[name] = k
     return out
 
 
 def expand_units(units: Dict[str, Unit], unit_keep: Keep, sizes: Dict[str, int]) -> Keep:
-    """Per-conv kept filters from kept groups."""
+    """Per-conv kept filters from kept groups; a follower shared by units keeps what all of them keep."""
     keep: Keep = {}
     for name, unit in units.items():
-        keep.update(unit.expand(unit_keep[name], sizes))
+        for conv, k in unit.expand(unit_keep[name], sizes).items():
+            keep[conv] = keep[conv] & k if conv in keep else k
     return keep
 
 
@@ -286,7 +286,8 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
     ``flops_reduction``. ``units`` couples channels across convs (``groups.coupled_units``); by
     default each conv is its own unit. ``normalization`` and ``cost_power`` make units' scores
     comparable before the global ranking (``ranking``); ``rule`` is the selection (``RULES``; by default
-    the method's own, ``default_rule``). Returns (selection, pruning fraction used).
+    the method's own, ``default_rule``). The selection also holds the units' follower convs (depthwise,
+    squeeze-excitation), with the channels they follow. Returns (selection, pruning fraction used).
     """
     if (sparsity is None) == (flops_reduction is None):
         raise ValueError("give exactly one of sparsity and flops_reduction")

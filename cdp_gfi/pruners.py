@@ -26,7 +26,7 @@ from torch import nn
 
 from .graph import trace
 from .masks import check_fraction, select, to_nni_masks
-from .scope import prunable_units, resolve_config_list
+from .scope import follower_convs, prunable_units, resolve_config_list
 from .scores import scores_from_statistics, statistics_kinds
 from .sites import read_points
 from .statistics import Statistics, collect_statistics, _split_batch
@@ -64,8 +64,8 @@ class _StatisticsPruner(Pruner):
         self.groups = resolve_config_list(model, config_list, self.units)
         self._check_targets()
         self._convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-        nni_config = [{"op_names": self._convs_of(g.names), "sparse_ratio": g.sparse_ratio or 0.0}
-                      for g in self.groups]
+        nni_config = [{"op_names": self._convs_of(g.names) + follower_convs({n: self.units[n] for n in g.names}),
+                       "sparse_ratio": g.sparse_ratio or 0.0} for g in self.groups]
         super().__init__(model, nni_config, data if isinstance(data, Evaluator) else None, existed_wrappers)
         self.scores: Dict[str, torch.Tensor] = {}
         self.keep: Dict[str, torch.Tensor] = {}

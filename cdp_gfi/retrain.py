@@ -15,6 +15,9 @@ containers only, read with weights_only=True; masks are stored compact: kept fil
   optimizer, scheduler, scaler, epoch, epochs, best_top1, best_epoch, log, rng) plus {"kind": "retrain",
   "model_name", "dataset", "num_classes", "route": "masked" | "slim" | "dense", "masks" (compact; None on the
   dense route), "args"}. ``--resume`` of it continues the run.
+
+Training ends like a CIFAR run: ``summary.json``/``summary.csv`` and one printed line with the final slim
+network's top-1, MACs and parameters.
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ from .checkpoint import CheckpointError, PathLike, ensure_writable_dir, load_che
     save_atomic, unwrap_model
 from .data import imagenet_datasets, make_loader
 from .distributed import DistInfo, barrier, cleanup, init_distributed, parse_device
+from .flops import count_flops, human
 from .graph import trace
 from .mask_files import MaskFileError, compact_masks, expand_masks
 from .masked import MaskEnforcer, Masks
 from .masks import apply_masks
 from .models import IMAGENET_MODELS, build_model
+from .report import write_summary
 from .slim import slim
 from .slim_files import SLIM_DUMMY_SIZE, rebuild_slim, save_slim_checkpoint
 from .train import build_optimizer, build_scheduler, evaluate, fit, seed_everything
@@ -207,13 +212,29 @@ def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def _slim_final(model: nn.Module, prepared: Prepared, num_classes: int, args: argparse.Namespace) -> Path:
-    """Slim a copy of the trained masked network and write it as `slim_final.pth`."""
+def _slim_final(model: nn.Module, prepared: Prepared, num_classes: int, args: argparse.Namespace) -> nn.Module:
+    """Slim a copy of the trained masked network and write it as `slim_final.pth`; returns the slim copy."""
     net = copy.deepcopy(unwrap_model(model)).cpu().to(memory_format=torch.contiguous_format).eval()
     slim(net, prepared.masks, torch.randn(1, 3, SLIM_DUMMY_SIZE, SLIM_DUMMY_SIZE))
     path = Path(args.results_dir) / SLIM_FINAL_NAME
     save_slim_checkpoint(path, prepared.model_name, net, prepared.masks, num_classes, vars(args))
-    return path
+    logger.info("wrote %s", path)
+    return net
+
+
+def _final_summary(net: nn.Module, log: Any, prepared: Prepared, args: argparse.Namespace) -> Dict[str, Any]:
+    """Write `summary.json`/`.csv` (top-1, MACs and parameters of the final slim network) and print one line."""
+    net = copy.deepcopy(unwrap_model(net)).cpu().to(memory_format=torch.contiguous_format).eval()
+    macs, params = count_flops(net, (3, args.input_size, args.input_size))
+    summary = {"model": prepared.model_name, "route": prepared.route, "epochs": int(log.iloc[-1]["epoch"]),
+               "final_top1": float(log.attrs["final_top1"]), "best_top1": float(log.attrs["best_top1"]),
+               "best_epoch": int(log.attrs["best_epoch"]), "macs": int(macs), "params": int(params),
+               "input_size": args.input_size}
+    write_summary(summary, args.results_dir)
+    print(f"final slim {prepared.model_name}: top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% "
+          f"at epoch {summary['best_epoch']}), MACs {human(macs)}, params {human(params)} "
+          f"({args.input_size}x{args.input_size}, conv+linear)", flush=True)
+    return summary
 
 
 def _adopt_retrain_checkpoint(prepared: Prepared, results_dir: Path, args: argparse.Namespace,
@@ -279,8 +300,9 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
               make_checkpoint=lambda: extra,
               label_smoothing=args.label_smoothing, amp=amp, after_step=enforce, is_main=info.is_main,
               train_sampler=sampler, checkpoint_names=(CHECKPOINT_NAME, BEST_NAME), log_interval=args.log_interval)
-    if prepared.route == "masked" and info.is_main:
-        logger.info("wrote %s", _slim_final(model, prepared, num_classes, args))
+    if info.is_main:
+        final = _slim_final(model, prepared, num_classes, args) if prepared.route == "masked" else model
+        _final_summary(final, log, prepared, args)
     barrier()
     return log.iloc[-1].to_dict()
 
@@ -291,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage 2: fine-tune a pruned ImageNet network (torchrun for several GPUs/processes).",
         epilog="--batch-size is per process. --start-epoch is accepted for compatibility only: a resumed "
                "checkpoint's epoch always wins, and without one training starts at epoch 0.")
-    p.add_argument("--model", choices=IMAGENET_MODELS, default=None,
-                   help="architecture (default: the one in the --resume checkpoint)")
+    p.add_argument("--model", choices=IMAGENET_MODELS, default=None, metavar="NAME",
+                   help="torchvision CNN name (default: the one in the --resume checkpoint)")
     p.add_argument("--dataroot", required=True, help="folder with train/ and val/ class folders")
     p.add_argument("--resume", default=None, help="masks (with --make-mask), slim or retrain checkpoint")
     p.add_argument("--make-mask", action="store_true",

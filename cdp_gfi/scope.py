@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 from torch import nn
 
-from .graph import ModelGraph, internal_convs
+from .graph import ModelGraph
 from .groups import Unit, coupled_units, internal_units
 
 SCOPES = ("internal", "all")
@@ -22,22 +22,28 @@ class PruneGroup:
 
 
 def default_scope(graph: ModelGraph) -> List[str]:
-    """Convs both papers prune: CIFAR basic-block conv1, bottleneck conv1/conv2, every VGG conv."""
-    return internal_convs(graph)
+    """Convs both papers prune: CIFAR basic-block conv1, bottleneck conv1/conv2, every VGG conv,
+    MobileNetV2's expansions (their depthwise partners follow)."""
+    return list(internal_units(graph))
 
 
 def prunable_units(graph: ModelGraph, scope: str = "internal") -> Dict[str, Unit]:
     """Units of a scope: each block-internal conv alone ("internal"), or every conv in coupled groups ("all")."""
     if scope == "internal":
-        return internal_units(default_scope(graph), graph)
+        return internal_units(graph)
     if scope == "all":
         return coupled_units(graph)
     raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
 
 
 def unit_convs(units: Dict[str, Unit]) -> List[str]:
-    """Every conv of the units, unit by unit: the layers whose statistics a run needs."""
+    """Every ranked conv of the units, unit by unit: the layers whose statistics a run needs."""
     return [c for unit in units.values() for c in unit.convs]
+
+
+def follower_convs(units: Dict[str, Unit]) -> List[str]:
+    """Convs whose filters follow the units' channels (depthwise, squeeze-excitation): masked, never ranked."""
+    return list(dict.fromkeys(c for unit in units.values() for c in unit.follower_widths))
 
 
 def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Dict[str, Unit]) -> List[PruneGroup]:

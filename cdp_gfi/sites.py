@@ -16,37 +16,39 @@ nearest one that does (``input`` -> ``bn`` -> ``conv``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch.fx as fx
 from torch import nn
 
-from .graph import ModelGraph, following_batchnorms, is_channelwise, is_flatten
+from .graph import ModelGraph, is_channelwise, is_flatten
 
 SITES = ("conv", "bn", "input")
 ReadPoint = Tuple[str, str]
 
 
-def _sole_consumer(graph: ModelGraph, start: fx.Node) -> Optional[str]:
-    """Name of the one conv/linear module that reads ``start``'s channels through channel-wise ops, if only one does."""
-    found, stack, seen = set(), list(start.users), set()
+def _downstream(graph: ModelGraph, start: fx.Node) -> Tuple[List[fx.Node], List[fx.Node], bool]:
+    """(channel-wise nodes, conv/linear consumers) reached from ``start`` through channel-wise ops and flattens,
+    and whether every path ended at a consumer (False: an addition, concatenation, gate or output came first)."""
+    passed, consumers, stack, seen, clean = [], [], list(start.users), set(), True
     while stack:
-        node = stack.pop()
+        node = stack.pop(0)
         if node in seen:
             continue
         seen.add(node)
-        mod = graph.module_of(node)
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            found.add(node)
+        if isinstance(graph.module_of(node), (nn.Conv2d, nn.Linear)):
+            consumers.append(node)
         elif is_channelwise(graph, node) or is_flatten(graph, node):
+            passed.append(node)
             stack.extend(node.users)
         else:
-            return None
-    if len(found) != 1:
-        return None
-    node = found.pop()
-    calls = [n for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == node.target]
-    return node.target if len(calls) == 1 else None  # a module called twice cannot be hooked for one site
+            clean = False
+    return passed, consumers, clean
+
+
+def _called_once(graph: ModelGraph, node: fx.Node) -> bool:
+    """A module called at one site only can be hooked for that site."""
+    return sum(1 for n in graph.gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
 
 
 def read_points(graph: ModelGraph, layers: Sequence[str], site: str = "conv") -> Dict[str, ReadPoint]:
@@ -57,13 +59,12 @@ def read_points(graph: ModelGraph, layers: Sequence[str], site: str = "conv") ->
     points: Dict[str, ReadPoint] = {}
     for name in layers:
         point: ReadPoint = (name, "output")
+        passed, consumers, clean = _downstream(graph, nodes[name])
         if site in ("bn", "input"):
-            bns: List[str] = following_batchnorms(graph, name)
+            bns = [n for n in passed if isinstance(graph.module_of(n), nn.BatchNorm2d) and _called_once(graph, n)]
             if len(bns) == 1:
-                point = (bns[0], "output")
-        if site == "input":
-            consumer = _sole_consumer(graph, nodes[name])
-            if consumer is not None:
-                point = (consumer, "input")
+                point = (bns[0].target, "output")
+        if site == "input" and clean and len(consumers) == 1 and _called_once(graph, consumers[0]):
+            point = (consumers[0].target, "input")
         points[name] = point
     return points

@@ -1,5 +1,6 @@
 """Stage 2 (imagenet/imagenet.py) end to end on the tiny image folder: masks route, slim route, resume, bad input."""
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from cdp_gfi import load_slim, retrain
 from cdp_gfi.checkpoint import load_checkpoint
-from cdp_gfi.flops import keep_vectors
+from cdp_gfi.flops import count_flops, keep_vectors
 from cdp_gfi.graph import trace
 from cdp_gfi.masks import apply_masks, select, to_nni_masks
 from cdp_gfi.models import build_model
@@ -52,7 +53,7 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
-def test_masks_route_keeps_pruned_weights_zero_and_slims(stage1, imagefolder_root, tmp_path):
+def test_masks_route_keeps_pruned_weights_zero_and_slims(stage1, imagefolder_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(imagefolder_root, out, "--resume", str(stage1["masks"]), "--make-mask") == 0
     ckpt = load_checkpoint(out / retrain.CHECKPOINT_NAME)
@@ -77,6 +78,10 @@ def test_masks_route_keeps_pruned_weights_zero_and_slims(stage1, imagefolder_roo
         torch.testing.assert_close(slim_net(x), apply_masks(dense.eval(), stage1["mask_dict"], graph)(x),
                                    atol=1e-4, rtol=1e-4)
     assert (out / retrain.BEST_NAME).exists() and len(pd.read_csv(out / "log.csv")) == 1
+    summary = json.loads((out / "summary.json").read_text())  # stage 2 ends with the final slim network's figures
+    assert (summary["macs"], summary["params"]) == count_flops(slim_net, (3, summary["input_size"], summary["input_size"]))
+    assert summary["final_top1"] == pd.read_csv(out / "log.csv")["test_top1"].iloc[-1]
+    assert f"top-1 {summary['final_top1']:.2f}%" in capsys.readouterr().out
 
 
 def test_slim_route_trains_the_slimmed_model(stage1, imagefolder_root, tmp_path):

@@ -5,6 +5,7 @@ from torch import nn
 
 from cdp_gfi import build_model, collect_statistics, select
 from cdp_gfi.graph import trace
+from cdp_gfi.groups import internal_units
 from cdp_gfi.masks import group_costs
 from cdp_gfi.ranking import cost_weighted, normalize
 from cdp_gfi.scope import default_scope
@@ -66,7 +67,8 @@ def test_normalizations_keep_each_layers_order_and_rescale_it():
 def test_cost_power_prunes_expensive_layers_first():
     graph = trace(build_model("resnet20", "cifar10"), torch.zeros(1, 3, 32, 32))
     scope = default_scope(graph)
-    costs = group_costs(graph, {n: _unit(graph, n) for n in scope}, {n: graph.modules[n].out_channels for n in scope})
+    units = internal_units(graph)
+    costs = group_costs(graph, units, {n: graph.modules[n].out_channels for n in scope})
     assert costs["layer1.1.conv1"] == pytest.approx(4 * costs["layer3.1.conv1"])  # 32x32 vs 8x8, 16 vs 64 wide
     flat = {n: torch.ones(graph.modules[n].out_channels) + 1e-3 * torch.arange(graph.modules[n].out_channels)
             for n in scope}
@@ -75,11 +77,6 @@ def test_cost_power_prunes_expensive_layers_first():
     removed = lambda keep, stage: sum(int((~keep[n]).sum()) for n in scope if n.startswith(stage))  # noqa: E731
     assert removed(costly, "layer1") > removed(plain, "layer1")
     assert sum(int((~k).sum()) for k in costly.values()) < sum(int((~k).sum()) for k in plain.values())
-
-
-def _unit(graph, name):
-    from cdp_gfi.groups import internal_units
-    return internal_units([name], graph)[name]
 
 
 def test_variants_published_default_and_overrides():

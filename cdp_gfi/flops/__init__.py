@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from ..graph import ModelGraph, is_depthwise, live_channels, trace
 from ..mask_files import expand_masks
-from ..graph import ModelGraph, live_channels, trace
 from ..models import CIFAR_MODELS, DATASETS, MODEL_NAMES, build_model, input_size_for
 
 CONVENTIONS = ("conv-linear", "ptflops")
@@ -272,15 +272,15 @@ def _module_cost(mod, convention, in_shape, out_shape, in_live, out_live):
     if isinstance(mod, nn.Conv2d):
         cin = _count(in_live, mod.in_channels)
         cout = _count(out_live, mod.out_channels)
-        if mod.groups != 1:  # grouped convs are never pruned here: count them dense
-            cin, cout = mod.in_channels, mod.out_channels
+        # a depthwise conv keeps one input per filter; a grouped one loses inputs evenly per group
+        per_group = mod.in_channels // mod.groups if is_depthwise(mod) else cin // mod.groups
         k = mod.kernel_size[0] * mod.kernel_size[1]
         positions = out_shape[2] * out_shape[3]
-        macs = positions * k * (cin // mod.groups) * cout
+        macs = positions * k * per_group * cout
         bias = mod.bias is not None
         if ptf and bias:
             macs += positions * cout
-        return macs, k * (cin // mod.groups) * cout + (cout if bias else 0)
+        return macs, k * per_group * cout + (cout if bias else 0)
     if isinstance(mod, nn.Linear):
         fin = _count(in_live, mod.in_features)
         bias = mod.bias is not None

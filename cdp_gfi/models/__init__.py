@@ -1,4 +1,4 @@
-"""Model zoo for the pruning experiments: CIFAR ResNets/VGGs for 32x32 data, torchvision models for ImageNet.
+"""Model zoo for the pruning experiments: CIFAR ResNets/VGGs/MobileNetV2 for 32x32 data, torchvision CNNs for ImageNet.
 
 The dataset picks the architecture family: every 32x32 dataset gets the CIFAR
 layouts, `imagenet` gets torchvision's (so its checkpoints load strictly).
@@ -10,6 +10,7 @@ from typing import Optional
 import torchvision
 from torch import nn
 
+from .cifar_mobilenet import cifar_mobilenet_v2
 from .cifar_resnet import BasicBlock, CifarResNet, PadShortcut, cifar_resnet
 from .cifar_vgg import CifarVGG, cifar_vgg
 
@@ -23,9 +24,11 @@ _DATASET_SPECS: dict[str, tuple[int, int]] = {
 DATASETS: tuple[str, ...] = tuple(_DATASET_SPECS)
 
 CIFAR_MODELS: tuple[str, ...] = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                                 "vgg11", "vgg13", "vgg16", "vgg19", "vgg16_cdp")
-IMAGENET_MODELS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                                    "vgg11", "vgg13", "vgg16", "vgg19")
+                                 "vgg11", "vgg13", "vgg16", "vgg19", "vgg16_cdp", "mobilenet_v2")
+_NOT_CNNS = ("vit_", "swin_", "maxvit_")  # torchvision's transformer classifiers
+# every torchvision classification CNN by its torchvision.models name; plain vggNN builds vggNN_bn
+IMAGENET_MODELS: tuple[str, ...] = tuple(
+    n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(_NOT_CNNS))
 MODEL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(CIFAR_MODELS + IMAGENET_MODELS))
 
 __all__ = [
@@ -67,8 +70,11 @@ def build_model(name: str, dataset: str, num_classes: Optional[int] = None) -> n
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if valid is IMAGENET_MODELS:
-        factory = getattr(torchvision.models, f"{name}_bn" if name.startswith("vgg") else name)
+        plain_vgg = name.startswith("vgg") and not name.endswith("_bn")
+        factory = getattr(torchvision.models, f"{name}_bn" if plain_vgg else name)
         return factory(weights=None, num_classes=num_classes)
+    if name == "mobilenet_v2":
+        return cifar_mobilenet_v2(num_classes)
     if name.startswith("resnet"):
         return cifar_resnet(int(name[len("resnet"):]), num_classes)
     return cifar_vgg(name, num_classes)

@@ -1,0 +1,152 @@
+"""Coverage: which torchvision CNNs cdp_gfi can prune and slim, with Torch-Pruning's coverage beside it.
+
+For each model (random weights, BatchNorm statistics randomised so a pruned
+channel's BN shift would show): trace, take the scope's units, remove 30% of
+conv+linear MACs with random scores, slim with NNI's ModelSpeedup, and
+compare. Columns: convs pruned / convs total, MACs before and after (counted
+through the masks and on the slim network), max |slim - masked| / max
+|masked|, seconds, and the ops that pinned channels. ``--competitor`` adds
+Torch-Pruning (magnitude pruning, steps until 30% of MACs are gone, or as
+far as it gets). Prints the table and writes readme/coverage.csv.
+
+    python bench/bench_coverage.py                      # every model, both scopes, 96x96
+    python bench/bench_coverage.py --models mobilenet_v2,resnext50_32x4d --no-competitor
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cdp_gfi.flops import count_flops
+from cdp_gfi.graph import trace
+from cdp_gfi.masks import apply_masks, select, to_nni_masks
+from cdp_gfi.models import build_model
+from cdp_gfi.scope import SCOPES, prunable_units, unit_convs
+from cdp_gfi.slim import slim
+
+OUT = Path(__file__).resolve().parents[1] / "readme" / "coverage.csv"
+MODELS = ("resnet18,resnet50,resnext50_32x4d,wide_resnet50_2,vgg11,mobilenet_v2,mobilenet_v3_small,"
+          "mobilenet_v3_large,efficientnet_b0,efficientnet_b1,efficientnet_b2,efficientnet_b3,efficientnet_v2_s,"
+          "regnet_x_400mf,regnet_y_400mf,mnasnet0_5,mnasnet1_0,shufflenet_v2_x0_5,shufflenet_v2_x1_0,"
+          "densenet121,googlenet,inception_v3,convnext_tiny")
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, "imagenet")
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def ours(name: str, scope: str, size: int, target: float) -> Dict:
+    """Prune ``name`` with ``scope`` to ``target`` of MACs removed, slim it, compare with the masked network."""
+    started = time.perf_counter()
+    model, x = _model(name), torch.randn(2, 3, size, size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = trace(model, x)
+        units = prunable_units(graph, scope)
+    pinned = sorted({str(w.message).split(" (first")[0].replace("cdp_gfi does not know how channels pass "
+                                                                  "through ", "") for w in caught
+                     if "cdp_gfi does not know" in str(w.message)})
+    row = dict(model=name, tool=f"cdp_gfi {scope}", convs_total=len(graph.conv_nodes()),
+               convs_ranked=len(unit_convs(units)), pinned_by=" ".join(pinned))
+    macs0 = count_flops(model, (3, size, size))[0]
+    row["macs_before_M"] = round(macs0 / 1e6, 2)
+    if not units:
+        return {**row, "convs_pruned": 0, "note": "no prunable conv", "seconds": round(time.perf_counter() - started, 1)}
+    scores = {n: torch.rand(graph.modules[n].out_channels) for n in unit_convs(units)}
+    try:
+        keep, _ = select("cdp", scores, graph=graph, flops_reduction=target, units=units)
+    except ValueError as err:
+        return {**row, "convs_pruned": 0, "note": str(err)[:120], "seconds": round(time.perf_counter() - started, 1)}
+    masks = to_nni_masks(model, keep)
+    with torch.no_grad():
+        masked = apply_masks(copy.deepcopy(model), masks, graph)(x)
+    counted = count_flops(model, (3, size, size), masks=masks)[0]
+    slim(model, masks, x[:1], graph=graph)
+    with torch.no_grad():
+        out = model(x)
+    macs1 = count_flops(model, (3, size, size))[0]
+    return {**row, "convs_pruned": sum(1 for k in keep.values() if not k.all()),
+            "macs_after_M": round(macs1 / 1e6, 2), "reduction_%": round(100 * (1 - macs1 / macs0), 1),
+            "masks_count_equals_slim": counted == macs1,
+            "max_rel_diff": float((out - masked).abs().max() / masked.abs().max()),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def torch_pruning(name: str, size: int, target: float) -> Dict:
+    """Torch-Pruning's magnitude pruner, stepped until ``target`` of MACs is gone (or no step helps)."""
+    import torch_pruning as tp
+
+    started = time.perf_counter()
+    model, x = _model(name), torch.randn(1, 3, size, size)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    row = dict(model=name, tool="torch-pruning", convs_total=len(convs))
+    try:
+        macs0, _ = tp.utils.count_ops_and_params(model, x)
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+        steps = 20
+        pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                           iterative_steps=steps, pruning_ratio=0.9, ignored_layers=head)
+        macs1 = macs0
+        for _ in range(steps):
+            pruner.step()
+            macs1, _ = tp.utils.count_ops_and_params(model, x)
+            if macs1 <= (1 - target) * macs0:
+                break
+        now = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        with torch.no_grad():
+            model(x)
+        row.update(convs_pruned=sum(1 for n in convs if now.get(n, 0) < widths[n]),
+                   macs_before_M=round(macs0 / 1e6, 2), macs_after_M=round(macs1 / 1e6, 2),
+                   **{"reduction_%": round(100 * (1 - macs1 / macs0), 1)})
+    except Exception as err:  # a competitor's failure is a result, not a crash
+        row.update(convs_pruned=0, note=f"{type(err).__name__}: {str(err)[:100]}")
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=MODELS, help="comma-separated torchvision names")
+    parser.add_argument("--size", type=int, default=96, help="input height = width")
+    parser.add_argument("--target", type=float, default=0.3, help="fraction of MACs to remove")
+    parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated; empty: Torch-Pruning only")
+    parser.add_argument("--no-competitor", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    started, rows = time.perf_counter(), []
+    jobs = [(m, s) for m in args.models.split(",") for s in args.scopes.split(",") if s]
+    jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in args.models.split(",")]
+    for name, scope in tqdm(jobs, desc="coverage"):
+        try:
+            rows.append(torch_pruning(name, args.size, args.target) if scope == "torch-pruning"
+                        else ours(name, scope, args.size, args.target))
+        except Exception as err:
+            rows.append(dict(model=name, tool=f"cdp_gfi {scope}", note=f"{type(err).__name__}: {str(err)[:120]}"))
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out, index=False)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
+        print(table.to_string(index=False))
+    print(f"total {time.perf_counter() - started:.0f} s at {args.size}x{args.size}, {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
