@@ -11,6 +11,7 @@ import torch
 
 import cdp_gfi.trial as trial
 from cdp_gfi import build_model
+from cdp_gfi.variants import DEFAULTS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nni_experiment"
 _spec = importlib.util.spec_from_file_location("run_experiment", EXAMPLE / "run_experiment.py")
@@ -74,7 +75,8 @@ def test_bad_value_fails_its_trial_with_a_clear_message(finished):
 
 def test_trials_share_one_statistics_file(finished):
     names = [p.name for p in (finished["root"] / "stats").iterdir()]
-    assert names == ["stats_digits_resnet20_seed0_b1_cdp_classwise.pt"]
+    cdp = DEFAULTS["cdp"]  # the default CDP's documents and feature site name the file
+    assert names == [f"stats_digits_resnet20_seed0_b1_cdp_{cdp.cdp_mode}_{cdp.site}.pt"]
     succeeded = [finished["logs"][t] for t in finished["table"]["trial"]]  # trial.log holds what trials print
     assert sorted("statistics: reusing" in log for log in succeeded) == [False, True]
 
