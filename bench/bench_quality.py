@@ -187,14 +187,19 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     methods = list(dict.fromkeys(summary["method"]))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(cases) * len(methods) / 4), 8), sharex=True)
     width = 0.8 / len(methods)
+    colors = plt.get_cmap("tab20")(range(len(methods)))
     for ax, (col, title) in zip(axes, (("a", "(a) after pruning + BN re-estimation"),
-                                       ("b", "(b) after fine-tuning"))):
+                                       ("b", "(b) after fine-tuning (missing bars: not measured)"))):
         for j, method in enumerate(methods):
             part = summary[summary["method"] == method].set_index(["net", "target_pct"])
             xs = [i + j * width for i, case in enumerate(cases) if case in part.index]
             vals = [part.loc[case, f"{col}_mean"] for case in cases if case in part.index]
             errs = [part.loc[case, f"{col}_std"] for case in cases if case in part.index]
-            ax.bar(xs, vals, width, yerr=[0 if pd.isna(e) else e for e in errs], label=method, capsize=2)
+            ax.bar(xs, vals, width, yerr=[0 if pd.isna(e) else e for e in errs], label=method, capsize=2,
+                   color=colors[j])
+        measured = summary[f"{col}_mean"].dropna()
+        if len(measured):
+            ax.set_ylim(max(0.0, float(measured.min()) - 10), 100)
         ax.set_ylabel("top-1 %")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
