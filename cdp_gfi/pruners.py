@@ -12,8 +12,9 @@ loop only feeds batches: nothing trains). ``scope="internal"`` (default)
 ranks the block-internal convs both papers prune; ``scope="all"`` ranks every
 conv, channels that meet in an addition as one group (``groups.py``).
 Config entries select within the scope; each entry is one global ranking.
-The criterion variant (``site``, ``normalize``, ``cost_power``) defaults to
-the one shipped for the method; ``published=True`` gives the paper's.
+The criterion variant (``site``, ``normalize``, ``cost_power``, ``rule``,
+``cdp_mode``, the per-layer cap) defaults to the one shipped for the method;
+``published=True`` gives the paper's.
 """
 from __future__ import annotations
 
@@ -45,15 +46,14 @@ class _StatisticsPruner(Pruner):
                  max_layer_sparsity: Optional[float] = None, memory_budget_gb: Optional[float] = None,
                  scope: str = "internal", round_to: Optional[int] = None, published: bool = False,
                  site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
-                 progress: bool = True, existed_wrappers=None, **method_options):
+                 rule: Optional[str] = None, progress: bool = True, existed_wrappers=None, **method_options):
         self.data, self.stop_batch, self.statistics = data, stop_batch, statistics
         self.num_classes, self.memory_budget_gb, self.progress = num_classes, memory_budget_gb, progress
         self.flops_reduction, self.flops_convention = flops_reduction, flops_convention
         self.max_layer_sparsity, self.method_options = max_layer_sparsity, method_options
         self.round_to = round_to
-        self.variant = resolve_variant(self.method, published, site, normalize, cost_power,
-                                       method_options.pop("rule", None), method_options.pop("cdp_mode", None))
-        self.variant_cap = None if max_layer_sparsity is not None else self.variant.max_layer_sparsity
+        self.variant = resolve_variant(self.method, published, site, normalize, cost_power, rule,
+                                       method_options.pop("cdp_mode", None))
         statistics_kinds(self.method, self.variant.cdp_mode)
         if data is None and statistics is None:
             raise ValueError(f"{type(self).__name__} needs data (a DataLoader or an NNI evaluator) "
@@ -112,7 +112,7 @@ class _StatisticsPruner(Pruner):
                 self.bound_model, self.data, self.layers, kinds, num_classes=self.num_classes,
                 stop_batch=self.stop_batch, memory_budget_gb=self.memory_budget_gb,
                 dummy_input=self.dummy_input, progress=self.progress,
-                read_at=read_points(self.graph, self.layers, self.variant.site), meta={"site": self.variant.site})
+                read_at=read_points(self.graph, self.layers, self.variant.site))
         finally:
             if wrapped:
                 self.wrap_model()
@@ -129,8 +129,8 @@ class _StatisticsPruner(Pruner):
             convs = self._convs_of(g.names)
             part = {n: scores[n] for n in convs}
             tie = {n: tiebreak[n] for n in convs} if tiebreak else None
-            cap = next((c for c in (self.max_layer_sparsity, g.max_sparse_ratio, self.variant_cap) if c is not None),
-                       None)
+            caps = (self.max_layer_sparsity, g.max_sparse_ratio, self.variant.max_layer_sparsity)
+            cap = next((c for c in caps if c is not None), None)  # explicit, then NNI's config, then the variant
             keep, _ = select(self.method, part, tie, sparsity=None if self.flops_reduction else g.sparse_ratio,
                              flops_reduction=self.flops_reduction, graph=self.graph,
                              max_layer_sparsity=cap, convention=self.flops_convention,
