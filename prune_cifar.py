@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import USER_ERRORS, add_criterion_arguments, add_recalibration_argument, one_line  # noqa: E402
+from cdp_gfi.cli import (USER_ERRORS, OneLineParser, add_criterion_arguments,  # noqa: E402
+                         add_recalibration_argument, one_line)
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
 from cdp_gfi.pipeline import (  # noqa: E402
     DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig, run, sweep)
@@ -34,8 +35,8 @@ def targets(text: str) -> Union[float, List[float]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the CDP README's flags plus GFI-AP, FLOPs targets, fine-tuning and resuming."""
-    p = argparse.ArgumentParser(description="Prune a CIFAR/digits CNN with CDP or GFI-AP into a slim, fine-tuned "
-                                            "network; report accuracy, MACs and parameters before and after.")
+    p = OneLineParser(description="Prune a CIFAR/digits CNN with CDP or GFI-AP into a slim, fine-tuned "
+                                  "network; report accuracy, MACs and parameters before and after.")
     a = p.add_argument
     a("--model", choices=CIFAR_MODELS, help="architecture (default resnet20)")
     a("--dataset", choices=DATASETS, default="cifar10", help="data set (default cifar10; digits: the built-in demo)")

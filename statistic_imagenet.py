@@ -10,24 +10,16 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import USER_ERRORS, add_criterion_arguments, add_recalibration_argument, one_line  # noqa: E402
-from cdp_gfi.distributed import cleanup  # noqa: E402
+from cdp_gfi.cli import (OneLineParser, add_criterion_arguments, add_distributed_argument,  # noqa: E402
+                         add_recalibration_argument, exit_status)
 from cdp_gfi.imagenet_prune import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
 from cdp_gfi.models import IMAGENET_MODELS  # noqa: E402
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser that reports bad input as one `error:` line (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print `error: message` and exit 2."""
-        self.exit(2, f"error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stop_batch", type=int, default=200, help="batches of training images sampled for statistics (default 200)")
     a("--batch_size", type=int, default=128, help="images per batch (per process under torchrun; default 128)")
     a("--input_size", type=int, default=224, help="image size for statistics and MACs counts (default 224)")
-    a("--stats_memory_gb", type=float,
-      help="bound on GFI-AP's per-class map sums (ResNet-50 on 1000 classes needs ~11 GB): more passes if smaller")
     a("--save_statistic_file", nargs="?", const=STATISTICS_NAME, default=STATISTICS_NAME,
       help=f"statistics file name (default {STATISTICS_NAME}); reused when it exists and matches")
     a("--save_statistic_path", help="folder of the statistics file (default: --save_model_path)")
@@ -63,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gpus", help="GPU index, e.g. 0 (single process; under torchrun use CUDA_VISIBLE_DEVICES)")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     a("-j", "--workers", type=int, default=4, help="data loader worker processes (default 4)")
+    add_distributed_argument(p)
     return p
 
 
@@ -74,16 +65,10 @@ def config_from_args(args: argparse.Namespace) -> Stage1Config:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run stage 1; 0 on success, 2 with one `error:` line on stderr for bad input."""
+    """Run stage 1; 0 on success, 2 with one `error:` line on stderr for bad input (printed once under torchrun),
+    1 when another torchrun rank failed."""
     args = build_parser().parse_args(argv)
-    try:
-        run(config_from_args(args))
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
-    return 0
+    return exit_status(lambda: run(config_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,32 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Callable, NoReturn
 
 from .checkpoint import CheckpointError
+from .distributed import DEFAULT_TIMEOUT_S, RankError, cleanup, is_distributed, launched_rank, peer_failure
 from .masks import RULES
 from .ranking import NORMALIZATIONS
 from .sites import SITES
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser that reports bad input as one `error:` line (exit status 2), once under torchrun."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `error: message` (rank 0 only: every rank parses the same command line) and exit 2."""
+        self.exit(2, f"error: {message}\n" if launched_rank() == 0 else None)
+
+
+def add_distributed_argument(parser: argparse.ArgumentParser) -> None:
+    """--dist_timeout: how long a torchrun process waits for the others, worded the same in every script."""
+    parser.add_argument("--dist_timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="under torchrun: seconds a process waits for the others in a collective before the "
+                             f"whole job stops with an error (default {DEFAULT_TIMEOUT_S:.0f}; longer than the "
+                             "slowest step one rank does alone, such as rank 0 writing a checkpoint)")
 
 
 def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,3 +70,32 @@ def one_line(err: BaseException) -> str:
     for line in lines[1:]:
         text += (" " if text.endswith(":") else ", ") + line
     return text
+
+
+def exit_status(work: Callable[[], object]) -> int:
+    """Run a script's work and return its exit status: 0, 2 for bad input, 1 when another torchrun rank failed.
+
+    Prints one `error:` line. Under torchrun an error every rank agreed on is
+    printed by rank 0 alone, one found by a single rank mid-run by that rank
+    (named), and a lost or silent peer by each rank still running.
+    """
+    try:
+        work()
+    except RankError as err:
+        if err.report:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        if is_distributed():
+            print(f"error: rank {launched_rank()}: {one_line(err)}", file=sys.stderr)
+        elif launched_rank() == 0:  # before the group is joined, every rank checks the same command line
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        peer = peer_failure(err)
+        if peer is None:
+            raise
+        print(f"error: {one_line(peer)}", file=sys.stderr)
+        return 1
+    cleanup()
+    return 0

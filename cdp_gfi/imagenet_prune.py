@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import ensure_writable_dir
 from .data import ClassShardSampler, dataset_targets, imagenet_datasets, make_loader, sample_loader
-from .distributed import DistInfo, barrier
+from .cli import USER_ERRORS
+from .distributed import DEFAULT_TIMEOUT_S, DistInfo, on_every_rank, same_on_every_rank
 from .fingerprint import fingerprint
 from .flops import CONVENTIONS, keep_vectors
 from .graph import ModelGraph, trace
@@ -47,7 +48,7 @@ from .sites import read_points
 from .variants import CriterionOptions
 from .recalibrate import check_batches, recalibrate_batchnorm
 from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
-from .retrain import SLIM_DUMMY_SIZE, _resolve_device, save_masks_checkpoint, save_slim_checkpoint
+from .retrain import SLIM_DUMMY_SIZE, resolve_device, save_masks_checkpoint, save_slim_checkpoint
 from .groups import Unit
 from .scope import SCOPES, prunable_units, unit_convs
 from .scores import statistics_kinds
@@ -75,7 +76,6 @@ class Stage1Config(CriterionOptions):
     batch_size: int = 128
     workers: int = 4
     input_size: int = 224
-    stats_memory_gb: Optional[float] = None
     save_statistic_file: str = STATISTICS_NAME
     save_statistic_path: Optional[str] = None
     save_model_path: Optional[str] = None
@@ -84,6 +84,7 @@ class Stage1Config(CriterionOptions):
     seed: int = 0
     gpus: Optional[str] = None
     device: Optional[str] = None
+    dist_timeout: float = DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,6 @@ def check(config: Stage1Config) -> List[Target]:
         raise ValueError(f"--scope must be one of {SCOPES}, got {config.scope!r}")
     if config.round_to is not None and config.round_to < 1:
         raise ValueError(f"--round_to must be a positive integer, got {config.round_to}")
-    if config.stats_memory_gb is not None and not config.stats_memory_gb > 0:
-        raise ValueError(f"--stats_memory_gb must be > 0, got {config.stats_memory_gb}")
     for name, minimum in (("stop_batch", 1), ("batch_size", 1), ("workers", 0), ("input_size", MIN_INPUT_SIZE)):
         _check_int(config, name, minimum)
     if not config.dataroot:
@@ -237,8 +236,7 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
         print(f"statistics: sampling {len(loader.dataset)} images (class-balanced, seed "
               f"{config.seed}) on {info.world_size} process(es), {info.device}", flush=True)
     stats = collect_statistics(model.to(info.device), loader, layers, statistics_kinds(config.method, config.cdp_mode),
-                               num_classes=meta["num_classes"], memory_budget_gb=config.stats_memory_gb,
-                               device=info.device, dummy_input=dummy_input(config).to(info.device),
+                               num_classes=meta["num_classes"], device=info.device, dummy_input=dummy_input(config).to(info.device),
                                progress=info.is_main, meta=meta,
                                read_at=read_points(graph, layers, config.site))
     model.cpu()
@@ -299,11 +297,22 @@ def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Modul
     return results
 
 
-def run(config: Stage1Config) -> Optional[pd.DataFrame]:
-    """The whole stage (see the module docstring); returns the results table on rank 0, None elsewhere."""
-    config = replace(config, **asdict(config.variant()))
-    targets = check(config)
-    info = _resolve_device(config)
+@dataclass
+class Prepared:
+    """What every rank has once its inputs are checked: data, dense network, graph, units and any reused statistics."""
+
+    train_plain: Dataset
+    num_classes: int
+    recal_batches: int
+    model: nn.Module
+    meta: Dict[str, Any]
+    graph: ModelGraph
+    units: Dict[str, Unit]
+    stats: Optional[Statistics]
+
+
+def prepare(config: Stage1Config, targets: Sequence[Target], info: DistInfo) -> Prepared:
+    """Check this rank's inputs (data, folders, weights, a statistics file to reuse) before any long work."""
     _, train_plain, _ = imagenet_datasets(config.dataroot, config.input_size)
     num_classes = len(train_plain.classes)
     recal_batches = check_batches(config.bn_recalibrate, -(-len(train_plain) // config.batch_size))
@@ -313,18 +322,32 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     meta = sampling_meta(config, model, num_classes)
     graph = trace(model, dummy_input(config))
     units = prunable_units(graph, config.scope)
-    layers = unit_convs(units)
     stats = reuse_statistics(config, model, meta, statistics_path(config))
-    if stats is not None and info.is_main:
-        print(f"statistics: reusing {statistics_path(config)} ({stats.num_images} images)", flush=True)
-    stats = stats or gather_statistics(config, model, train_plain, graph, layers, meta, info)
-    masks = {target: masks_for(config, target, model, stats, graph, units) for target in targets}
-    results = None
-    if info.is_main:
-        dense_costs = measure(model, (3, config.input_size, config.input_size))
-        recal = (make_loader(train_plain, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed),
-                 recal_batches)
-        points = [slim_point(t, model, m, dense_costs, config.input_size, recal) for t, m in masks.items()]
-        results = write_results(config, points, model, num_classes)
-    barrier()
-    return results
+    return Prepared(train_plain, num_classes, recal_batches, model, meta, graph, units, stats)
+
+
+def run(config: Stage1Config) -> Optional[pd.DataFrame]:
+    """The whole stage (see the module docstring); returns the results table on rank 0, None elsewhere.
+
+    Under torchrun every rank checks its inputs and agrees before the
+    statistics pass; after the masks are chosen rank 0 alone slims and writes.
+    """
+    config = replace(config, **asdict(config.variant()))
+    targets = check(config)
+    info = resolve_device(config)
+    p = on_every_rank(lambda: prepare(config, targets, info), USER_ERRORS)
+    same_on_every_rank(p.meta["fingerprint"]["weights_sha256"], "the weights' hash (give every rank the same file)")
+    same_on_every_rank(p.stats is not None, f"whether {statistics_path(config)} can be reused "
+                                            "(every rank must see the same statistics file)")
+    if p.stats is not None and info.is_main:
+        print(f"statistics: reusing {statistics_path(config)} ({p.stats.num_images} images)", flush=True)
+    stats = p.stats or gather_statistics(config, p.model, p.train_plain, p.graph, unit_convs(p.units), p.meta, info)
+    masks = on_every_rank(lambda: {t: masks_for(config, t, p.model, stats, p.graph, p.units) for t in targets},
+                          USER_ERRORS)
+    if not info.is_main:
+        return None
+    dense_costs = measure(p.model, (3, config.input_size, config.input_size))
+    recal = (make_loader(p.train_plain, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed),
+             p.recal_batches)
+    points = [slim_point(t, p.model, m, dense_costs, config.input_size, recal) for t, m in masks.items()]
+    return write_results(config, points, p.model, p.num_classes)

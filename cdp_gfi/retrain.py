@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from .cli import USER_ERRORS, one_line
+from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, exit_status
 from .checkpoint import CheckpointError, PathLike, ensure_writable_dir, load_checkpoint, load_state_dict_strict, \
     save_atomic, unwrap_model
 from .data import imagenet_datasets, make_loader
-from .distributed import DistInfo, barrier, cleanup, init_distributed, parse_device
+from .distributed import DistInfo, barrier, init_distributed, launched_rank, on_every_rank, parse_device
 from .flops import count_flops, human
 from .graph import trace
 from .mask_files import MaskFileError, compact_masks, expand_masks
@@ -197,14 +196,20 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _resolve_device(args: argparse.Namespace) -> DistInfo:
-    info = init_distributed(args.device)
+def resolve_device(args: Any) -> DistInfo:
+    """Join torchrun's process group (if launched by it) and pick this process's device from --device/--gpus."""
+    info = init_distributed(args.device, args.dist_timeout)
     if args.gpus is None:
         return info
-    if info.distributed:
-        raise UsageError("--gpus: under torchrun each process uses cuda:LOCAL_RANK; choose GPUs with "
-                         "CUDA_VISIBLE_DEVICES")
-    return DistInfo(rank=0, world_size=1, local_rank=0, device=parse_device(args.device, args.gpus), is_main=True)
+
+    def single_gpu() -> DistInfo:
+        if info.distributed:
+            raise UsageError("--gpus: under torchrun each process uses cuda:LOCAL_RANK; choose GPUs with "
+                             "CUDA_VISIBLE_DEVICES")
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=parse_device(args.device, args.gpus),
+                        is_main=True)
+
+    return on_every_rank(single_gpu, USER_ERRORS)
 
 
 def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
@@ -254,13 +259,22 @@ def _warn_start_epoch(args: argparse.Namespace, prepared: Prepared) -> None:
                        args.start_epoch, resumed)
 
 
-def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
-    """Validate everything, then evaluate (`-e`) or train; returns the evaluation or the last epoch's log row."""
-    info = _resolve_device(args)
-    seed_everything(args.seed)
+def _check_inputs(args: argparse.Namespace, info: DistInfo) -> Tuple[Dataset, Dataset, int, Prepared]:
+    """This rank's data, checkpoint and (on rank 0) results folder, checked before any collective."""
     train_set, _, val_set = imagenet_datasets(args.dataroot, args.input_size, args.skip_unreadable)
     num_classes = len(train_set.classes)
     prepared = prepare_model(args, num_classes)
+    if info.is_main and not args.evaluate:
+        ensure_writable_dir(Path(args.results_dir))
+    return train_set, val_set, num_classes, prepared
+
+
+def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
+    """Validate everything (on every rank, agreed under torchrun), then evaluate (`-e`) or train; returns the
+    evaluation or the last epoch's log row. After training rank 0 alone slims and writes the summary."""
+    info = resolve_device(args)
+    seed_everything(args.seed)
+    train_set, val_set, num_classes, prepared = on_every_rank(lambda: _check_inputs(args, info), USER_ERRORS)
     model = prepared.model
     enforce: Optional[Callable[[nn.Module], None]] = None
     if prepared.route == "masked":
@@ -280,8 +294,6 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
         return result
     _warn_start_epoch(args, prepared)
     results_dir = Path(args.results_dir)
-    if info.is_main:
-        ensure_writable_dir(results_dir)
     if prepared.retrain is not None:
         _adopt_retrain_checkpoint(prepared, results_dir, args, info)
     sampler = EpochTaggedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
@@ -303,13 +315,12 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
     if info.is_main:
         final = _slim_final(model, prepared, num_classes, args) if prepared.route == "masked" else model
         _final_summary(final, log, prepared, args)
-    barrier()
     return log.iloc[-1].to_dict()
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of imagenet/imagenet.py (the CDP README's flags)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Stage 2: fine-tune a pruned ImageNet network (torchrun for several GPUs/processes).",
         epilog="--batch-size is per process. --start-epoch is accepted for compatibility only: a resumed "
                "checkpoint's epoch always wins, and without one training starts at epoch 0.")
@@ -338,19 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip images that cannot be decoded (counted in warnings) instead of failing")
+    add_distributed_argument(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run stage 2; returns the exit status (2 with one `error:` line on stderr for bad input)."""
+    """Run stage 2; returns the exit status (2 with one `error:` line on stderr for bad input, 1 when another
+    torchrun rank failed)."""
     args = build_parser().parse_args(argv)
-    main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        run(args)
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
-    return 0
+    logging.basicConfig(level=logging.INFO if launched_rank() == 0 else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    return exit_status(lambda: run(args))

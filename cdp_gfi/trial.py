@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message=".*Running trial code without runtime"
 
 import nni  # noqa: E402
 
-from .cli import USER_ERRORS, one_line  # noqa: E402
+from .cli import USER_ERRORS, OneLineParser, one_line  # noqa: E402
 from .pipeline import DATASETS, PruneConfig, check, resolve, run  # noqa: E402
 
 # What a search space may set, with its type; the command line gives the defaults.
@@ -47,8 +47,8 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
 
 def build_parser() -> argparse.ArgumentParser:
     """Where data, baseline and shared statistics live, plus command-line defaults of every tunable parameter."""
-    p = argparse.ArgumentParser(description="One CDP/GFI-AP pruning trial; parameters from NNI's tuner override "
-                                            "these options.")
+    p = OneLineParser(description="One CDP/GFI-AP pruning trial; parameters from NNI's tuner override "
+                                  "these options.")
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set (default digits)")
     p.add_argument("--model", help="architecture (default resnet20)")
     p.add_argument("--dataroot", help="CIFAR folder; unused for digits")

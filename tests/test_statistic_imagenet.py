@@ -184,10 +184,10 @@ def test_sweep_scores_every_point_from_one_statistics_pass(gfi_sweep):
     assert not (out / "masks.pth").exists()
 
 
-def test_gfi_statistics_read_class_by_class_in_one_pass_whatever_the_budget(gfi_sweep, imagefolder_root, tmp_path):
-    out = tmp_path / "bounded"
-    plans = counted_run(args(imagefolder_root, out, "--allow_random_init", "--method", "gfi", "--sparsity", "0.3",
-                             "--stats_memory_gb", "1e-5"), statistics, "plan_gfi_passes")
+def test_gfi_statistics_read_class_by_class_in_one_pass(gfi_sweep, imagefolder_root, tmp_path):
+    out = tmp_path / "ordered"
+    plans = counted_run(args(imagefolder_root, out, "--allow_random_init", "--method", "gfi", "--sparsity", "0.3"),
+                        statistics, "plan_gfi_passes")
     assert plans.calls == 0  # class-ordered: one class's maps at a time, no passes to plan
     assert_same_keep(out / "masks.pth", gfi_sweep[0] / "sparsity_0.3" / "masks.pth")
 
@@ -240,7 +240,7 @@ BAD = [
     (["--sparsity", "0.3", "--flops_reduction", "0.4"], "exactly one of"),
     ([], "exactly one of"),
     (["--sparsity", "0.3", "--model", "resnet20"], "invalid choice"),
-    (["--sparsity", "0.3", "--stats_memory_gb", "0"], "--stats_memory_gb"),
+    (["--sparsity", "0.3", "--dist_timeout", "0"], "--dist_timeout"),
     (["--sparsity", "0.3", "--input_size", "8"], "--input_size"),
 ]
 
