@@ -19,6 +19,7 @@ Kept per layer:
 """
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from dataclasses import dataclass, field
@@ -166,16 +167,25 @@ class _DenseGFI:
 
 class _ClassOrderedGFI:
     """GFI-AP for a class-ordered loader: map sums only for the classes in flight, each reduced to its row
-    of S [K, C] as soon as a later class shows up. Under torch.distributed each process reads whole classes."""
+    of S [K, C] as soon as a later class shows up. Under torch.distributed each process reads whole classes.
+
+    A batch's class sums are one matrix product (class membership [m, n] @ maps [n, C*H*W]), the
+    fastest reduction measured (8x an index_add_, 12x per-class sums, on 2 CPU cores), and closing
+    classes is one norm per layer: the per-class ops of the first version cost 1.5x a plain forward.
+    """
 
     def __init__(self, num_classes: int) -> None:
-        self.k, self.open, self.scores = num_classes, {}, {}
+        self.k, self.scores = num_classes, {}
+        self.open: Dict[str, Tuple[List[int], torch.Tensor]] = {}  # layer: (classes in flight, their map sums)
         self.counts = torch.zeros(num_classes, dtype=torch.long)  # this process's images per class
         self.last = -1
+        self.batch_classes: List[int] = []
+        self.membership = torch.zeros(0, 0)  # [classes in the batch, images]: 1 where the image is of the class
 
     def begin_batch(self, labels: torch.Tensor) -> None:
         """Check the order, close the classes that can get no more images, count this batch's."""
         labels = labels.cpu()
+        self.batch_classes = []
         if not labels.numel():
             return
         if int(labels[0]) < self.last or bool((labels[1:] < labels[:-1]).any()):
@@ -185,25 +195,36 @@ class _ClassOrderedGFI:
         self._close(below=int(labels[0]))
         self.last = int(labels[-1])
         self.counts += torch.bincount(labels, minlength=self.k)
+        classes, inverse = torch.unique_consecutive(labels, return_inverse=True)
+        self.batch_classes = classes.tolist()
+        self.membership = torch.nn.functional.one_hot(inverse, len(classes)).T.float()
 
     def add(self, name: str, out: torch.Tensor, labels: torch.Tensor) -> None:
-        classes, sizes = torch.unique_consecutive(labels, return_counts=True)
-        running = self.open.setdefault(name, {})
-        for c, segment in zip(classes.tolist(), out.split(sizes.tolist())):  # labels are sorted: one slice a class
-            if c in running:
-                running[c].add_(segment.sum(dim=0))
-            else:
-                running[c] = segment.sum(dim=0)
+        if not self.batch_classes:
+            return
+        membership = self.membership.to(device=out.device, dtype=out.dtype)
+        sums = (membership @ out.reshape(out.shape[0], -1)).view(len(self.batch_classes), *out.shape[1:])
+        classes, running = self.open.get(name, ([], None))
+        new = self.batch_classes
+        if classes and classes[-1] == new[0]:  # the class carried over from the last batch
+            running[-1].add_(sums[0])
+            sums, new = sums[1:], new[1:]
+        if new:
+            running = sums if running is None or not classes else torch.cat([running, sums])
+            classes = classes + new
+        self.open[name] = (classes, running)
 
     def _close(self, below: int) -> None:
-        for name, running in self.open.items():
-            for c in [c for c in running if c < below]:
-                part = running.pop(c)
-                if name not in self.scores:
-                    self.scores[name] = torch.zeros(self.k, part.shape[0], device=part.device)
-                # mean_hw |sum / n| in one pass over the map: the L1 norm over (H, W), scaled
-                scale = int(self.counts[c]) * part.shape[1] * part.shape[2]
-                self.scores[name][c] = torch.linalg.vector_norm(part, ord=1, dim=(1, 2)).div_(scale)
+        for name, (classes, running) in self.open.items():
+            done = bisect.bisect_left(classes, below)  # classes in flight are sorted
+            if not done:
+                continue
+            if name not in self.scores:
+                self.scores[name] = torch.zeros(self.k, running.shape[1], device=running.device)
+            # mean_hw |sum / n| in one pass over the maps: the L1 norm over (H, W), scaled
+            n = self.counts[classes[:done]].to(running.device) * (running.shape[2] * running.shape[3])
+            self.scores[name][classes[:done]] = torch.linalg.vector_norm(running[:done], ord=1, dim=(2, 3)) / n[:, None]
+            self.open[name] = (classes[done:], running[done:])  # a view: freed at the next concatenation
 
     def finish(self, counts: torch.Tensor) -> Dict[str, torch.Tensor]:
         """S per layer, [K, C]: this process's classes, summed with the other processes' (disjoint) ones."""
