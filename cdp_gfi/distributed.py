@@ -141,8 +141,13 @@ def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEO
     if not dist.is_initialized():
         global _control_group
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend="nccl" if nccl else "gloo", world_size=world_size, rank=rank,
-                                timeout=timeout)
+        try:
+            dist.init_process_group(backend="nccl" if nccl else "gloo", world_size=world_size, rank=rank,
+                                    timeout=timeout)
+        except RuntimeError as err:  # a taken port, an unreachable master, the others not coming in time
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise PeerError(f"rank {rank}: cannot join the job's process group at {where} "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
         _control_group = dist.new_group(backend="gloo", timeout=timeout) if nccl else None
     wanted = on_every_rank(lambda: _rank_device(device, local_rank))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=wanted, is_main=rank == 0)

@@ -52,7 +52,16 @@ def _free_port() -> int:
 
 def launch(commands: Sequence[List[str]], cwd: Path) -> Tuple[List[int], List[str], float]:
     """Start one process per command as ranks 0..n-1 of one job; their exit codes, stderr texts and the seconds
-    until the last surviving rank ended. A stopped rank is killed once the others are done."""
+    until the last surviving rank ended. A stopped rank is killed once the others are done. A port taken
+    between choosing it and binding it (another job on the machine) is a reason to launch again."""
+    for _ in range(3):
+        codes, errs, seconds = _launch_once(commands, cwd)
+        if "EADDRINUSE" not in errs[0]:
+            break
+    return codes, errs, seconds
+
+
+def _launch_once(commands: Sequence[List[str]], cwd: Path) -> Tuple[List[int], List[str], float]:
     port, started = _free_port(), time.monotonic()
     procs = []
     for rank, command in enumerate(commands):
