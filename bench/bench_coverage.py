@@ -10,10 +10,11 @@ channels. Torch-Pruning (magnitude pruning, steps until 30% of MACs are
 gone, or as far as it gets) runs unless ``--no-competitor``. Prints the
 table and writes readme/coverage.csv.
 
-Slimming feeds NNI a 64x64 dummy (75x75 for inception_v3, whose unpadded convs need
-it): only its shape matters, and these nets pool adaptively. One intra-op
-thread by default: NNI's mask inference is many small ops, and two threads
-on a 2-core machine shared with another job ran a row up to 10x slower.
+Slimming feeds NNI a 64x64 dummy (75x75 for inception_v3, whose unpadded
+convs need it): only its shape matters, and these nets pool adaptively. One
+intra-op thread by default: NNI's mask inference is many small ops, and two
+threads on a 2-core machine shared with another job ran a row up to 10x
+slower.
 
     python bench/bench_coverage.py                      # every model, both scopes, 96x96
     python bench/bench_coverage.py --models mobilenet_v2,resnext50_32x4d --no-competitor
@@ -26,7 +27,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pandas as pd
 import torch
