@@ -12,9 +12,9 @@ table and writes readme/coverage.csv.
 
 Slimming feeds NNI a 64x64 dummy (75x75 for inception_v3, whose unpadded
 convs need it): only its shape matters, and these nets pool adaptively. One
-intra-op thread by default: NNI's mask inference is many small ops, and two
-threads on a 2-core machine shared with another job ran a row up to 10x
-slower.
+intra-op thread by default: on a 2-core machine shared with another job, two
+threads wait on each other whenever one loses its core (a row ran up to 27x
+slower).
 
     python bench/bench_coverage.py                      # every model, both scopes, 96x96
     python bench/bench_coverage.py --models mobilenet_v2,resnext50_32x4d --no-competitor
