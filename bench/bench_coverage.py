@@ -5,9 +5,16 @@ channel's BN shift would show): trace, take the scope's units, remove 30% of
 conv+linear MACs with random scores, slim with NNI's ModelSpeedup, and
 compare. Columns: convs pruned / convs total, MACs before and after (counted
 through the masks and on the slim network), max |slim - masked| / max
-|masked|, seconds, and the ops that pinned channels. ``--competitor`` adds
-Torch-Pruning (magnitude pruning, steps until 30% of MACs are gone, or as
-far as it gets). Prints the table and writes readme/coverage.csv.
+|masked| at the bench's input size, seconds, and the ops that pinned
+channels. Torch-Pruning (magnitude pruning, steps until 30% of MACs are
+gone, or as far as it gets) runs unless ``--no-competitor``. Prints the
+table and writes readme/coverage.csv.
+
+Slimming feeds NNI a 64x64 dummy (75x75 for inception_v3, whose unpadded
+convs need it): only its shape matters, and these nets pool adaptively. One
+intra-op thread by default: on a 2-core machine shared with another job, two
+threads wait on each other whenever one loses its core (a row ran up to 27x
+slower).
 
     python bench/bench_coverage.py                      # every model, both scopes, 96x96
     python bench/bench_coverage.py --models mobilenet_v2,resnext50_32x4d --no-competitor
@@ -17,27 +24,30 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import traceback
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from cdp_gfi.flops import count_flops
+from cdp_gfi.flops import count_flops, keep_vectors, macs_of
 from cdp_gfi.graph import trace
 from cdp_gfi.masks import apply_masks, select, to_nni_masks
 from cdp_gfi.models import build_model
 from cdp_gfi.scope import SCOPES, prunable_units, unit_convs
 from cdp_gfi.slim import slim
+from cdp_gfi.slim_files import SLIM_DUMMY_SIZE
 
 OUT = Path(__file__).resolve().parents[1] / "readme" / "coverage.csv"
 MODELS = ("resnet18,resnet50,resnext50_32x4d,wide_resnet50_2,vgg11,mobilenet_v2,mobilenet_v3_small,"
           "mobilenet_v3_large,efficientnet_b0,efficientnet_b1,efficientnet_b2,efficientnet_b3,efficientnet_v2_s,"
           "regnet_x_400mf,regnet_y_400mf,mnasnet0_5,mnasnet1_0,shufflenet_v2_x0_5,shufflenet_v2_x1_0,"
           "densenet121,googlenet,inception_v3,convnext_tiny")
+MIN_SIZE = {"inception_v3": 75}  # its unpadded convs and pools need at least 75x75; the others take 64x64
 
 
 def _model(name: str) -> nn.Module:
@@ -77,8 +87,9 @@ def ours(name: str, scope: str, size: int, target: float) -> Dict:
     masks = to_nni_masks(model, keep)
     with torch.no_grad():
         masked = apply_masks(copy.deepcopy(model), masks, graph)(x)
-    counted = count_flops(model, (3, size, size), masks=masks)[0]
-    slim(model, masks, x[:1], graph=graph)
+    counted = macs_of(graph, keep_vectors(masks))  # what count_flops(masks=...) returns, without a second trace
+    slim_size = min(size, max(SLIM_DUMMY_SIZE, MIN_SIZE.get(name, 0)))
+    slim(model, masks, torch.randn(1, 3, slim_size, slim_size), graph=graph)  # the graph: channels only
     with torch.no_grad():
         out = model(x)
     macs1 = count_flops(model, (3, size, size))[0]
@@ -117,7 +128,8 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
                    macs_before_M=round(macs0 / 1e6, 2), macs_after_M=round(macs1 / 1e6, 2),
                    **{"reduction_%": round(100 * (1 - macs1 / macs0), 1)})
     except Exception as err:  # a competitor's failure is a result, not a crash
-        row.update(convs_pruned=0, note=f"{type(err).__name__}: {str(err)[:100]}")
+        where = traceback.extract_tb(err.__traceback__)[-1].name
+        row.update(convs_pruned=0, note=f"{type(err).__name__} in {where}: {str(err)[:100]}")
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -129,8 +141,10 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.3, help="fraction of MACs to remove")
     parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated; empty: Torch-Pruning only")
     parser.add_argument("--no-competitor", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     started, rows = time.perf_counter(), []
     jobs = [(m, s) for m in args.models.split(",") for s in args.scopes.split(",") if s]
     jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in args.models.split(",")]
