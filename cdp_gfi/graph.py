@@ -163,6 +163,7 @@ def is_spatial_slice(node: fx.Node) -> bool:
 
 
 Route = List[Optional[Tuple[int, int]]]
+LAYER_KINDS = ("conv", "grouped", "depthwise", "linear")
 
 
 @dataclass
@@ -214,14 +215,18 @@ def channel_steps(graph: ModelGraph) -> Dict[fx.Node, Step]:
     """Each node's ``Step``, in execution order (computed once per graph).
 
     Every op that touches channels and is not understood pins them and is
-    named in one warning per op kind.
+    named in one warning per op kind, unless no layer is upstream of it (an
+    input transform such as GoogLeNet's touches only the image's channels).
     """
     if graph._steps is None:
         steps: Dict[fx.Node, Step] = {}
         unknown: Dict[str, str] = {}
+        after_layer: set = set()  # nodes downstream of a conv or linear: their channels could be pruned
         for node in graph.gm.graph.nodes:
             steps[node] = _step(graph, node, steps)
-            if steps[node].unknown:
+            if steps[node].kind in LAYER_KINDS or any(a in after_layer for a in node.all_input_nodes):
+                after_layer.add(node)
+            if steps[node].unknown and node in after_layer:
                 unknown.setdefault(steps[node].unknown, node.name)
         for op, where in unknown.items():
             warnings.warn(f"cdp_gfi does not know how channels pass through {op} (first at graph node "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointMismatchError, extract_state_dict, load_checkpoint, unwrap_model
 
 _SHOWN = 4
+AUXILIARY_HEADS = ("aux1", "aux2", "AuxLogits")  # GoogLeNet's and Inception-v3's training-only classifiers
 
 
 @dataclass(frozen=True)
@@ -122,17 +124,30 @@ def map_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> Tuple[
     return best
 
 
+def _without_auxiliary_heads(state_dict: Dict[str, Tensor], model: nn.Module, what: str) -> Dict[str, Tensor]:
+    """The file's tensors less those of auxiliary classifiers the model is built without (named in a warning)."""
+    dropped = sorted({k.split(".")[0] for k in state_dict
+                      if k.split(".")[0] in AUXILIARY_HEADS and getattr(model, k.split(".")[0], "") is None})
+    if dropped:
+        warnings.warn(f"{what}: left out the auxiliary classifiers {', '.join(dropped)} (training-only heads "
+                      "that cdp_gfi's networks are built without)", stacklevel=3)
+    return {k: v for k, v in state_dict.items() if k.split(".")[0] not in dropped}
+
+
 def load_pretrained(model: nn.Module, source: Any, what: str = "pretrained checkpoint") -> str:
     """Load published weights (a path or a loaded object) into ``model`` strictly; returns the layout name.
 
     Raises CheckpointMismatchError naming the file, the layout tried and what
-    differs, before any weight of ``model`` changes.
+    differs, before any weight of ``model`` changes. The one thing left out
+    is an auxiliary classifier (GoogLeNet, Inception-v3) the model was built
+    without, with a warning.
     """
     if isinstance(source, (str, os.PathLike)):
         what = f"{what} {str(source)!r}"
         source = load_checkpoint(source)
-    layout, mapped, problems = map_state_dict(model, _state_dict_of(source))
     target = unwrap_model(model)
+    state_dict = _without_auxiliary_heads(_state_dict_of(source), target, what)
+    layout, mapped, problems = map_state_dict(model, state_dict)
     if problems:
         known = ", ".join(lay.name for lay in LAYOUTS)
         raise CheckpointMismatchError(

@@ -18,7 +18,7 @@ from torchvision.models.resnet import Bottleneck
 from cdp_gfi import CDPPruner, GFIPruner, apply_masks, count_flops, slim
 from cdp_gfi.flops import layer_costs
 from cdp_gfi.graph import trace
-from cdp_gfi.masks import select
+from cdp_gfi.masks import select, to_nni_masks
 from cdp_gfi.models import build_model
 from cdp_gfi.scope import follower_convs, prunable_units, unit_convs
 
@@ -137,3 +137,26 @@ def test_every_torchvision_cnn_is_a_model_name_and_unknown_ones_list_them():
         units = prunable_units(trace(cifar, torch.zeros(1, 3, 32, 32)), "internal")
     # 16 expansions, the stem (the first block has none), the two projections no residual adds to, the last conv
     assert len(units) == 20 and {"features.0.0", "features.1.conv.1", "features.17.conv.2", "features.18.0"} <= set(units)
+
+
+def test_googlenet_loads_torchvision_weights_without_its_auxiliary_heads_and_trains_slim(tmp_path):
+    from cdp_gfi.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    published = torchvision.models.googlenet(weights=None, aux_logits=True, transform_input=True,
+                                             init_weights=True, num_classes=10).eval()
+    torch.save(published.state_dict(), tmp_path / "googlenet.pth")  # torchvision's layout: aux1, aux2 included
+    model = build_model("googlenet", "imagenet", 10)
+    with pytest.warns(UserWarning, match="left out the auxiliary classifiers aux1, aux2"):
+        load_pretrained(model, tmp_path / "googlenet.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), published(x))  # same input transform, same weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the input transform touches only the image's channels: nothing to pin
+        graph = trace(model, x[:1])
+        units = prunable_units(graph, "internal")
+    scores = {n: torch.rand(graph.modules[n].out_channels) for n in unit_convs(units)}
+    keep, _ = select("cdp", scores, graph=graph, flops_reduction=0.3, units=units)
+    slim(model, to_nni_masks(model, keep), x[:1])
+    model.train()(x).sum().backward()  # fine-tuning: no auxiliary head left to fail on the slimmed channels

@@ -30,6 +30,10 @@ _NOT_CNNS = ("vit_", "swin_", "maxvit_")  # torchvision's transformer classifier
 IMAGENET_MODELS: tuple[str, ...] = tuple(
     n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(_NOT_CNNS))
 MODEL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(CIFAR_MODELS + IMAGENET_MODELS))
+# Built as torchvision builds them for its own weights (inputs re-normalised inside the network), but without
+# the auxiliary classifiers: they only run in training, so the eval-mode graph cannot prune them in step.
+_GOOGLE_NETS = {"googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True}}
 
 __all__ = [
     "BasicBlock", "CifarResNet", "CifarVGG", "PadShortcut", "CIFAR_MODELS", "DATASETS",
@@ -72,7 +76,7 @@ def build_model(name: str, dataset: str, num_classes: Optional[int] = None) -> n
     if valid is IMAGENET_MODELS:
         plain_vgg = name.startswith("vgg") and not name.endswith("_bn")
         factory = getattr(torchvision.models, f"{name}_bn" if plain_vgg else name)
-        return factory(weights=None, num_classes=num_classes)
+        return factory(weights=None, num_classes=num_classes, **_GOOGLE_NETS.get(name, {}))
     if name == "mobilenet_v2":
         return cifar_mobilenet_v2(num_classes)
     if name.startswith("resnet"):
