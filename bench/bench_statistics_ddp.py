@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -80,12 +79,6 @@ def worker(args: argparse.Namespace) -> None:
     cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
@@ -100,8 +93,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // args.nproc))}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                        "--master_port", str(_free_port()), __file__, *sys.argv[1:], "--worker-dir", tmp],
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        str(args.nproc), __file__, *sys.argv[1:], "--worker-dir", tmp],
                        check=True, env=env)
         rows = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(args.nproc)]
         distributed = torch.load(Path(tmp) / "scores.pt", weights_only=True)
