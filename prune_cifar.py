@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import (USER_ERRORS, OneLineParser, add_criterion_arguments,  # noqa: E402
-                         add_recalibration_argument, one_line)
+from cdp_gfi.cli import (OneLineParser, add_criterion_arguments, add_recalibration_argument,  # noqa: E402
+                         exit_status)
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
 from cdp_gfi.pipeline import (  # noqa: E402
     DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig, run, sweep)
@@ -82,19 +82,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sweep_key = next((k for k in ("sparsity", "flops_reduction") if isinstance(getattr(args, k), list)), None)
-    try:
+
+    def work() -> None:
         if sweep_key:
             sweep(PruneConfig(**{**vars(args), sweep_key: getattr(args, sweep_key)[0]}), getattr(args, sweep_key))
         else:
             run(PruneConfig(**vars(args)))
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+
+    try:
+        return exit_status(work)
     except KeyboardInterrupt:
         print("interrupted: the last complete epoch is saved; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message=".*Running trial code without runtime"
 
 import nni  # noqa: E402
 
-from .cli import USER_ERRORS, OneLineParser, one_line  # noqa: E402
+from .cli import OneLineParser, exit_status  # noqa: E402
 from .pipeline import DATASETS, PruneConfig, check, resolve, run  # noqa: E402
 
 # What a search space may set, with its type; the command line gives the defaults.
@@ -130,17 +130,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one trial; 0 on success, 2 with one ``error:`` line on stderr for bad parameters or input."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def trial() -> None:
         config = trial_config(args, nni.get_next_parameter() or {})
         print(f"trial {nni.get_trial_id()}: {config}", flush=True)
         shared = Path(config.statistics_file)
         print(f"statistics: {'reusing' if shared.exists() else 'gathering into'} {shared}", flush=True)
         summary = run(config, on_epoch_end=report_epoch)
         nni.report_final_result(final_result(summary))
-    except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return exit_status(trial)
 
 
 if __name__ == "__main__":
