@@ -209,6 +209,7 @@ def on_every_rank(check: Callable[[], T], expected: Tuple[Type[BaseException], .
     failed = [(rank, s) for rank, s in enumerate(statuses) if s is not None]
     if not failed:
         return result
+    _leave_together()
     rank = dist.get_rank()
     if mine is not None and not status[0]:
         raise mine
@@ -220,6 +221,15 @@ def on_every_rank(check: Callable[[], T], expected: Tuple[Type[BaseException], .
     raise RankError(message, report=rank == 0)
 
 
+def _leave_together() -> None:
+    """Before every rank stops on an agreed error: one more barrier, so that rank 0 (which hosts the store) cannot
+    exit while another rank is still reading the agreement. Its own failure changes nothing: the outcome is known."""
+    try:
+        dist.barrier(group=_control_group)
+    except RuntimeError:
+        pass
+
+
 def same_on_every_rank(value: Any, what: str) -> None:
     """Refuse, on every rank, a job whose ranks disagree about ``value`` (a collective), e.g. the weights' hash."""
     if not is_distributed():
@@ -228,6 +238,7 @@ def same_on_every_rank(value: Any, what: str) -> None:
     _collective(lambda: dist.all_gather_object(values, value, group=_control_group))
     other = next((rank for rank, v in enumerate(values) if v != values[0]), None)
     if other is not None:
+        _leave_together()
         raise RankError(f"ranks disagree on {what}: rank 0 has {values[0]!r}, rank {other} {values[other]!r}",
                         report=dist.get_rank() == 0)
 
