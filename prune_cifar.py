@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import (OneLineParser, add_criterion_arguments, add_recalibration_argument,  # noqa: E402
-                         exit_status)
+from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_recalibration_argument, exit_status  # noqa: E402
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
-from cdp_gfi.pipeline import (  # noqa: E402
-    DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig, run, sweep)
+from cdp_gfi.runs.cifar_config import DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig  # noqa: E402
+from cdp_gfi.runs.cifar import run  # noqa: E402
+from cdp_gfi.runs.sweep import sweep  # noqa: E402
 
 
 

@@ -16,9 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.cli import (OneLineParser, add_criterion_arguments, add_distributed_argument,  # noqa: E402
-                         add_recalibration_argument, exit_status)
-from cdp_gfi.imagenet_prune import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
+from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_recalibration_argument, exit_status  # noqa: E402
+from cdp_gfi.runs.imagenet_stage1 import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
 from cdp_gfi.models import IMAGENET_MODELS  # noqa: E402
 
 

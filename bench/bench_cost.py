@@ -42,11 +42,11 @@ from torch import nn
 warnings.filterwarnings("ignore")
 
 from cdp_gfi import build_model, select, slim, to_nni_masks  # noqa: E402
-from cdp_gfi.graph import trace  # noqa: E402
-from cdp_gfi.masks import with_batchnorm_masks  # noqa: E402
-from cdp_gfi.scope import default_scope  # noqa: E402
-from cdp_gfi.scores import scores_from_statistics  # noqa: E402
-from cdp_gfi.statistics import collect_statistics  # noqa: E402
+from cdp_gfi.graph.trace import trace  # noqa: E402
+from cdp_gfi.masks.select import with_batchnorm_masks  # noqa: E402
+from cdp_gfi.graph.scope import default_scope  # noqa: E402
+from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
+from cdp_gfi.statistics.collect import collect_statistics  # noqa: E402
 
 CASES = {"resnet56": ("cifar10", 64, 4, 32, 10), "resnet50": ("imagenet", 8, 2, 224, 1000)}
 SPARSITY = 0.5

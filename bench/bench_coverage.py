@@ -35,12 +35,12 @@ from torch import nn
 from tqdm import tqdm
 
 from cdp_gfi.flops import count_flops, keep_vectors, macs_of
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import apply_masks, select, to_nni_masks
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import apply_masks, select, to_nni_masks
 from cdp_gfi.models import build_model
-from cdp_gfi.scope import SCOPES, prunable_units, unit_convs
-from cdp_gfi.slim import slim
-from cdp_gfi.slim_files import SLIM_DUMMY_SIZE
+from cdp_gfi.graph.scope import SCOPES, prunable_units, unit_convs
+from cdp_gfi.slimming.speedup import slim
+from cdp_gfi.slimming.slim_files import SLIM_DUMMY_SIZE
 
 OUT = Path(__file__).resolve().parents[1] / "readme" / "coverage.csv"
 MODELS = ("resnet18,resnet50,resnext50_32x4d,wide_resnet50_2,vgg11,mobilenet_v2,mobilenet_v3_small,"

@@ -38,15 +38,18 @@ warnings.filterwarnings("ignore")
 
 import competitors  # noqa: E402
 from cdp_gfi import build_model, count_flops, load_pretrained, recalibrate_batchnorm, select, to_nni_masks  # noqa: E402
-from cdp_gfi.data import cifar_datasets, make_loader, sample_loader  # noqa: E402
-from cdp_gfi.graph import ModelGraph, trace  # noqa: E402
-from cdp_gfi.pipeline import PruneConfig, finetune, resolve, train_loader  # noqa: E402
-from cdp_gfi.scope import default_scope  # noqa: E402
-from cdp_gfi.scores import scores_from_statistics  # noqa: E402
-from cdp_gfi.sites import read_points  # noqa: E402
-from cdp_gfi.statistics import Statistics, collect_statistics  # noqa: E402
-from cdp_gfi.train import evaluate, seed_everything  # noqa: E402
-from cdp_gfi.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
+from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
+from cdp_gfi.data.samplers import make_loader, sample_loader  # noqa: E402
+from cdp_gfi.graph.trace import ModelGraph, trace  # noqa: E402
+from cdp_gfi.runs.cifar_config import PruneConfig, resolve  # noqa: E402
+from cdp_gfi.runs.cifar_steps import finetune, train_loader  # noqa: E402
+from cdp_gfi.graph.scope import default_scope  # noqa: E402
+from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
+from cdp_gfi.graph.sites import read_points  # noqa: E402
+from cdp_gfi.statistics.store import Statistics  # noqa: E402
+from cdp_gfi.statistics.collect import collect_statistics  # noqa: E402
+from cdp_gfi.train.loop import evaluate, seed_everything  # noqa: E402
+from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DATAROOT = SHARED / "cifar10-real-subset"

@@ -20,7 +20,8 @@ import pandas as pd
 
 warnings.filterwarnings("ignore")
 
-from cdp_gfi.pipeline import PruneConfig, run  # noqa: E402
+from cdp_gfi.runs.cifar_config import PruneConfig  # noqa: E402
+from cdp_gfi.runs.cifar import run  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "readme" / "bench_scope.csv"
 

@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 
 from cdp_gfi import apply_masks, build_model, slim, to_nni_masks
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import select, with_batchnorm_masks
-from cdp_gfi.scope import default_scope
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import select, with_batchnorm_masks
+from cdp_gfi.graph.scope import default_scope
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ warnings.filterwarnings("ignore")
 
 import competitors  # noqa: E402
 from cdp_gfi import build_model, count_flops, select, to_nni_masks  # noqa: E402
-from cdp_gfi.graph import trace  # noqa: E402
-from cdp_gfi.scope import default_scope  # noqa: E402
+from cdp_gfi.graph.trace import trace  # noqa: E402
+from cdp_gfi.graph.scope import default_scope  # noqa: E402
 
 CASES = {"resnet56": ("cifar10", 32), "resnet50": ("imagenet", 224)}
 

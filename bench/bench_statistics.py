@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from cdp_gfi import build_model
-from cdp_gfi.graph import trace
-from cdp_gfi.scope import default_scope
-from cdp_gfi.statistics import collect_statistics
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.graph.scope import default_scope
+from cdp_gfi.statistics.collect import collect_statistics
 
 CASES = {"resnet56": ("cifar10", 256, 32), "resnet50": ("imagenet", 16, 224)}
 # (label, statistics kinds, class-ordered batches)

@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench_statistics import _batches, _plain, peak_rss
 from cdp_gfi import build_model
-from cdp_gfi.data import ClassShardSampler
+from cdp_gfi.data.samplers import ClassShardSampler
 from cdp_gfi.distributed import cleanup, init_distributed
-from cdp_gfi.graph import trace
-from cdp_gfi.scope import default_scope
-from cdp_gfi.scores import gfi_scores
-from cdp_gfi.statistics import collect_statistics
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.graph.scope import default_scope
+from cdp_gfi.scores.importance import gfi_scores
+from cdp_gfi.statistics.collect import collect_statistics
 
 CLASSES = 1000
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cdp_gfi import count_flops, select, slim, to_nni_masks
-from cdp_gfi.graph import ModelGraph
+from cdp_gfi.graph.trace import ModelGraph
 
 T = TypeVar("T")
 Masks = Dict[str, Dict[str, Optional[torch.Tensor]]]

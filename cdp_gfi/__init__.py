@@ -3,17 +3,18 @@
 The public API: build a model, gather statistics, score filters, select
 masks, slim, count FLOPs, or do it all through the NNI pruner classes.
 """
+from .files.pretrained import load_pretrained
 from .flops import count_flops, layer_table
+from .graph.scope import default_scope
+from .masks.pruners import CDPPruner, GFIPruner
+from .masks.select import LayerEmptiedError, apply_masks, select, to_nni_masks
 from .models import build_model
-from .masks import LayerEmptiedError, apply_masks, select, to_nni_masks
-from .pretrained import load_pretrained
-from .pruners import CDPPruner, GFIPruner
-from .recalibrate import recalibrate_batchnorm
-from .scope import default_scope
-from .scores import cdp_scores, compute_scores, gfi_scores, scores_from_statistics
-from .slim import slim
-from .slim_files import load_slim
-from .statistics import Statistics, StatisticsError, collect_statistics
+from .scores.importance import cdp_scores, compute_scores, gfi_scores, scores_from_statistics
+from .slimming.slim_files import load_slim
+from .slimming.speedup import slim
+from .statistics.collect import collect_statistics
+from .statistics.store import Statistics, StatisticsError
+from .train.recalibrate import recalibrate_batchnorm
 
 __all__ = [
     "CDPPruner", "GFIPruner", "Statistics", "StatisticsError", "LayerEmptiedError",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cdp_gfi.retrain import main  # noqa: E402
+from cdp_gfi.runs.imagenet_stage2 import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,15 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdp_gfi.checkpoint import (
-    CheckpointError,
-    CheckpointMismatchError,
-    ensure_writable_dir,
-    extract_state_dict,
-    load_checkpoint,
-    load_state_dict_strict,
-    save_atomic,
-)
+from cdp_gfi.files.checkpoint import CheckpointError, CheckpointMismatchError, ensure_writable_dir, extract_state_dict, load_checkpoint, load_state_dict_strict, save_atomic
 
 
 class Explodes:

@@ -17,10 +17,10 @@ from torchvision.models.resnet import Bottleneck
 
 from cdp_gfi import CDPPruner, GFIPruner, apply_masks, count_flops, slim
 from cdp_gfi.flops import layer_costs
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import select, to_nni_masks
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import select, to_nni_masks
 from cdp_gfi.models import build_model
-from cdp_gfi.scope import follower_convs, prunable_units, unit_convs
+from cdp_gfi.graph.scope import follower_convs, prunable_units, unit_convs
 
 
 def _tiny(name: str) -> nn.Module:
@@ -140,7 +140,7 @@ def test_every_torchvision_cnn_is_a_model_name_and_unknown_ones_list_them():
 
 
 def test_googlenet_loads_torchvision_weights_without_its_auxiliary_heads_and_trains_slim(tmp_path):
-    from cdp_gfi.pretrained import load_pretrained
+    from cdp_gfi.files.pretrained import load_pretrained
 
     torch.manual_seed(0)
     published = torchvision.models.googlenet(weights=None, aux_logits=True, transform_input=True,

@@ -8,9 +8,9 @@ from nni.compression import TorchEvaluator
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdp_gfi import CDPPruner, GFIPruner, apply_masks, build_model, compute_scores, slim
-from cdp_gfi.compare import mask_agreement, merge_masks, nni_masks
+from cdp_gfi.masks.compare import mask_agreement, merge_masks, nni_masks
 from cdp_gfi.flops import keep_vectors
-from cdp_gfi.graph import trace
+from cdp_gfi.graph.trace import trace
 
 CONFIG = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]
 DUMMY = torch.zeros(1, 3, 32, 32)

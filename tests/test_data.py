@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from cdp_gfi.data import (TensorImageDataset, cifar_datasets, dataset_targets, digits_datasets,
-                          imagenet_datasets, make_loader, sample_loader)
+from cdp_gfi.data.datasets import TensorImageDataset, cifar_datasets, digits_datasets, imagenet_datasets
+from cdp_gfi.data.samplers import dataset_targets, make_loader, sample_loader
 
 
 # --- CIFAR -------------------------------------------------------------------------------------

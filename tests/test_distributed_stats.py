@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cdp_gfi import retrain
-from cdp_gfi.checkpoint import load_checkpoint
-from cdp_gfi.statistics import Statistics
+from cdp_gfi.runs import imagenet_stage2 as retrain
+from cdp_gfi.files.checkpoint import load_checkpoint
+from cdp_gfi.statistics.store import Statistics
 
 REPO = Path(__file__).resolve().parents[1]
 

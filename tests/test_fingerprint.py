@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from cdp_gfi.fingerprint import FingerprintMismatchError, check_fingerprint, fingerprint, weights_sha256
-from cdp_gfi.statistics import Statistics
+from cdp_gfi.statistics.fingerprint import FingerprintMismatchError, check_fingerprint, fingerprint, weights_sha256
+from cdp_gfi.statistics.store import Statistics
 
 
 def net() -> nn.Sequential:

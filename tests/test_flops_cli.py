@@ -7,9 +7,10 @@ import torch
 
 from cdp_gfi import build_model, count_flops, select, slim, to_nni_masks
 from cdp_gfi.flops import main
-from cdp_gfi.graph import trace
-from cdp_gfi.retrain import save_masks_checkpoint, save_slim_checkpoint
-from cdp_gfi.scope import default_scope
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.runs.imagenet_stage2 import save_masks_checkpoint
+from cdp_gfi.slimming.slim_files import save_slim_checkpoint
+from cdp_gfi.graph.scope import default_scope
 
 
 def test_module_command_prints_resnet56_conv_linear_macs():

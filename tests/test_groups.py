@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdp_gfi import CDPPruner, GFIPruner, apply_masks, build_model, count_flops, slim
-from cdp_gfi.graph import TraceError, trace
-from cdp_gfi.groups import coupled_units
+from cdp_gfi.graph.trace import TraceError, trace
+from cdp_gfi.graph.groups import coupled_units
 
 
 def _randomize_bn(model):

@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cdp_gfi import load_slim, retrain
-from cdp_gfi.checkpoint import load_checkpoint
+from cdp_gfi import load_slim
+from cdp_gfi.runs import imagenet_stage2 as retrain
+from cdp_gfi.files.checkpoint import load_checkpoint
 from cdp_gfi.flops import count_flops, keep_vectors
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import apply_masks, select, to_nni_masks
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import apply_masks, select, to_nni_masks
 from cdp_gfi.models import build_model
-from cdp_gfi.scope import default_scope
-from cdp_gfi.slim import slim
+from cdp_gfi.graph.scope import default_scope
+from cdp_gfi.slimming.speedup import slim
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--epochs", "1", "--batch-size", "20", "--input-size", "32", "-j", "0", "--lr", "0.01", "--device", "cpu"]

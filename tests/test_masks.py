@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from cdp_gfi import build_model, count_flops, to_nni_masks
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import (LayerEmptiedError, select, select_by_count, select_by_threshold)
-from cdp_gfi.scope import default_scope
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import LayerEmptiedError, select, select_by_count, select_by_threshold
+from cdp_gfi.graph.scope import default_scope
 
 
 def test_global_ranking_removes_exact_count_across_layers():

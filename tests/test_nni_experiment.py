@@ -1,4 +1,4 @@
-"""A real local NNI experiment over cdp_gfi.trial (loopback, free port), and the example's config.yml."""
+"""A real local NNI experiment over cdp_gfi.runs.trial (loopback, free port), and the example's config.yml."""
 import importlib.util
 import json
 import shlex
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import cdp_gfi.trial as trial
+import cdp_gfi.runs.trial as trial
 from cdp_gfi import build_model
-from cdp_gfi.variants import DEFAULTS
+from cdp_gfi.masks.variants import DEFAULTS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nni_experiment"
 _spec = importlib.util.spec_from_file_location("run_experiment", EXAMPLE / "run_experiment.py")
@@ -96,7 +96,7 @@ def test_config_yml_is_the_python_experiment():
     assert config.tuner.name == "GridSearch" and config.training_service.platform == "local"
     assert config.max_trial_number == 6  # the whole grid: cdp x coe {0, 1} + gfi, x sparsity {0.3, 0.5}
     command = shlex.split(config.trial_command)
-    assert command[1:3] == ["-m", "cdp_gfi.trial"]
+    assert command[1:3] == ["-m", "cdp_gfi.runs.trial"]
     args = trial.build_parser().parse_args(command[3:])
     defaults = run_experiment.build_parser().parse_args([])
     assert (args.epochs, args.baseline_epochs) == (defaults.epochs, defaults.baseline_epochs)
@@ -104,4 +104,4 @@ def test_config_yml_is_the_python_experiment():
 
 def test_trial_command_uses_this_interpreter():
     command = shlex.split(run_experiment.trial_command(["--epochs", "1"]))
-    assert command == [sys.executable, "-m", "cdp_gfi.trial", "--epochs", "1"]
+    assert command == [sys.executable, "-m", "cdp_gfi.runs.trial", "--epochs", "1"]

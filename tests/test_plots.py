@@ -2,8 +2,7 @@
 import pandas as pd
 import pytest
 
-from cdp_gfi.plots import EFFECT_PANELS, PRUNING_FRACTION, plot_accuracy_vs_macs, plot_kept_filters, \
-    plot_pruning_effect
+from cdp_gfi.runs.plots import EFFECT_PANELS, PRUNING_FRACTION, plot_accuracy_vs_macs, plot_kept_filters, plot_pruning_effect
 
 PNG = b"\x89PNG"
 

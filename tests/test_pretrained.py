@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cdp_gfi import build_model, load_pretrained
-from cdp_gfi.checkpoint import CheckpointError, CheckpointMismatchError
+from cdp_gfi.files.checkpoint import CheckpointError, CheckpointMismatchError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -105,7 +105,7 @@ def test_a_file_that_is_no_checkpoint_fails_clearly(tmp_path):
 def test_the_published_cifar_resnets_load(depth, stem):
     model = build_model(f"resnet{depth}", "cifar10").eval()
     assert load_pretrained(model, SHARED / "pretrained" / f"{stem}.th") == "pytorch_resnet_cifar10"
-    from cdp_gfi.data import cifar_datasets
+    from cdp_gfi.data.datasets import cifar_datasets
     test = cifar_datasets(SHARED / "cifar10-real-subset", check_integrity=False)[2]
     x, y = zip(*(test[i] for i in range(128)))
     with torch.no_grad():

@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-import cdp_gfi.pipeline as pipeline
+from cdp_gfi.runs import cifar, cifar_config, cifar_steps
 from cdp_gfi import build_model, load_slim, slim
-from cdp_gfi.checkpoint import load_checkpoint, load_state_dict_strict
-from cdp_gfi.data import cifar_datasets, digits_datasets, make_loader
-from cdp_gfi.fingerprint import FingerprintMismatchError
+from cdp_gfi.files.checkpoint import load_checkpoint, load_state_dict_strict
+from cdp_gfi.data.datasets import cifar_datasets, digits_datasets
+from cdp_gfi.data.samplers import make_loader
+from cdp_gfi.statistics.fingerprint import FingerprintMismatchError
 from cdp_gfi.flops import keep_vectors
-from cdp_gfi.mask_files import expand_masks
-from cdp_gfi.train import evaluate
+from cdp_gfi.files.mask_files import expand_masks
+from cdp_gfi.train.loop import evaluate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prune_cifar.py"
 _spec = importlib.util.spec_from_file_location("prune_cifar", SCRIPT)
@@ -47,8 +48,8 @@ def cifar_args(root: Path, pretrained: Path, save_dir: Path, *extra: str) -> lis
             "--save_dir", str(save_dir), *extra]
 
 
-def config_of(argv: list) -> pipeline.PruneConfig:
-    return pipeline.PruneConfig(**vars(prune_cifar.build_parser().parse_args(argv)))
+def config_of(argv: list) -> cifar_config.PruneConfig:
+    return cifar_config.PruneConfig(**vars(prune_cifar.build_parser().parse_args(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_statistics_file_is_reused_and_gives_the_same_masks(cifar_run, tmp_path,
     def must_not_run(*args, **kwargs):
         raise AssertionError("statistics were gathered again")
 
-    monkeypatch.setattr(pipeline, "collect_statistics", must_not_run)
+    monkeypatch.setattr(cifar_steps, "collect_statistics", must_not_run)
     argv = [a if a != str(save_dir) else str(tmp_path) for a in argv] + ["--epochs", "1"]
     assert prune_cifar.main(argv) == 0
     first = torch.load(save_dir / "pruned.pth", weights_only=True)["masks"]
@@ -121,16 +122,16 @@ def test_statistics_file_is_reused_and_gives_the_same_masks(cifar_run, tmp_path,
 
 def test_statistics_file_of_other_weights_or_settings_is_refused(cifar_run):
     _, stats, argv = cifar_run
-    config = pipeline.resolve(config_of(argv))
+    config = cifar_config.resolve(config_of(argv))
     torch.manual_seed(1)
     other = build_model("resnet20", "cifar10")  # the same architecture, other weights
     with pytest.raises(FingerprintMismatchError, match="other weights: weights_sha256"):
-        pipeline.load_statistics(config, other)
+        cifar_steps.load_statistics(config, other)
     trained = build_model("resnet20", "cifar10")
     load_state_dict_strict(trained, argv[argv.index("--pretrained_dir") + 1])
-    assert pipeline.load_statistics(config, trained).meta["fingerprint"]["stop_batch"] == 2
+    assert cifar_steps.load_statistics(config, trained).meta["fingerprint"]["stop_batch"] == 2
     with pytest.raises(FingerprintMismatchError, match="stop_batch 2 in file, 3 now"):
-        pipeline.load_statistics(replace(config, stop_batch=3), trained)
+        cifar_steps.load_statistics(replace(config, stop_batch=3), trained)
 
 
 def interrupt_after_epoch_2(epoch, row):
@@ -142,7 +143,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(cifar_run, cifar_root,
     reference, _, _ = cifar_run
     argv = cifar_args(cifar_root, pretrained, tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(config_of(argv), on_epoch_end=interrupt_after_epoch_2)
+        cifar.run(config_of(argv), on_epoch_end=interrupt_after_epoch_2)
     assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
     assert not (tmp_path / "summary.json").exists()
     assert prune_cifar.main(argv + ["--resume"]) == 0
@@ -181,16 +182,16 @@ def digits_run(tmp_path_factory):
 def test_digits_demo_trains_caches_and_prunes_its_baseline(digits_run):
     save_dir, base_dir = digits_run
     cached = list(base_dir.iterdir())
-    config = pipeline.resolve(config_of(["--dataset", "digits", "--baseline_epochs", "1", "--batch_size", "128",
+    config = cifar_config.resolve(config_of(["--dataset", "digits", "--baseline_epochs", "1", "--batch_size", "128",
                                          "--baseline_dir", str(base_dir)]))
-    assert [p.name for p in cached] == [pipeline.baseline_path(config).name]
+    assert [p.name for p in cached] == [cifar_steps.baseline_path(config).name]
     assert cached[0].name.startswith("resnet20_digits_seed0_e1_")
-    assert load_checkpoint(cached[0])["recipe"] == pipeline.baseline_recipe(config)
+    assert load_checkpoint(cached[0])["recipe"] == cifar_steps.baseline_recipe(config)
     other_recipes = [replace(config, wd=1e-4), replace(config, batch_size=64), replace(config, baseline_epochs=2)]
-    assert len({pipeline.baseline_path(c) for c in [config, *other_recipes]}) == 4  # each would train its own
+    assert len({cifar_steps.baseline_path(c) for c in [config, *other_recipes]}) == 4  # each would train its own
     assert pd.read_csv(save_dir / "baseline" / "log.csv")["epoch"].tolist() == [1]
     summary = json.loads((save_dir / "summary.json").read_text())
-    assert summary["flops_reduction"] == pipeline.DIGITS_FLOPS_REDUCTION
+    assert summary["flops_reduction"] == cifar_config.DIGITS_FLOPS_REDUCTION
     assert summary["macs_reduction_pct"] == pytest.approx(45.0, abs=0.5)
     assert 0 <= summary["pruned_top1"] <= 100 and summary["baseline_top1"] > 10  # one epoch learns something
 
@@ -202,7 +203,7 @@ def small_digits(monkeypatch):
         train_aug, train_plain, test = digits_datasets(seed)
         return Subset(train_aug, range(256)), Subset(train_plain, range(256)), Subset(test, range(64))
 
-    monkeypatch.setattr(pipeline, "digits_datasets", small)
+    monkeypatch.setattr(cifar_steps, "digits_datasets", small)
 
 
 def test_layerwise_retrain_holds_masks_and_keeps_one_shot_masks(digits_run, small_digits, tmp_path, monkeypatch,
@@ -218,7 +219,7 @@ def test_layerwise_retrain_holds_masks_and_keeps_one_shot_masks(digits_run, smal
         held.append(all(not modules[n].weight[~k].any() for n, k in keep_vectors(masks).items()))
         return slim(model, masks, dummy)
 
-    monkeypatch.setattr(pipeline, "slim", checking_slim)
+    monkeypatch.setattr(cifar_steps, "slim", checking_slim)
     capsys.readouterr()
     assert prune_cifar.main(common + ["--save_dir", str(tmp_path / "layerwise"), "--layerwise_retrain", "1"]) == 0
     assert held == [True]  # pruned filters were still zero after retraining
@@ -342,12 +343,12 @@ def test_scope_all_prunes_the_residual_stream(cifar_root, pretrained, tmp_path):
 
 
 def test_variant_flags_resolve_to_the_published_or_default_criterion(cifar_root, pretrained, tmp_path):
-    from cdp_gfi.variants import DEFAULTS, PUBLISHED
+    from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED
     base = cifar_args(cifar_root, pretrained, tmp_path)
-    default = pipeline.resolve(config_of(base))
+    default = cifar_config.resolve(config_of(base))
     assert default.variant() == DEFAULTS["cdp"]
-    published = pipeline.resolve(config_of(base + ["--published", "--method", "gfi"]))
+    published = cifar_config.resolve(config_of(base + ["--published", "--method", "gfi"]))
     assert published.variant() == PUBLISHED["gfi"]
-    mixed = pipeline.resolve(config_of(base + ["--published", "--site", "input", "--cost_power", "0.5"]))
+    mixed = cifar_config.resolve(config_of(base + ["--published", "--site", "input", "--cost_power", "0.5"]))
     assert (mixed.site, mixed.normalize, mixed.cost_power, mixed.rule, mixed.cdp_mode) == \
         ("input", "none", 0.5, "global", "classwise")

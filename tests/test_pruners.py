@@ -8,7 +8,7 @@ from nni.compression import TorchEvaluator
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdp_gfi import CDPPruner, GFIPruner, build_model, compute_scores, count_flops
-from cdp_gfi.statistics import collect_statistics
+from cdp_gfi.statistics.collect import collect_statistics
 
 CONFIG = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]
 SCOPE = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from cdp_gfi import apply_masks, recalibrate_batchnorm, select, to_nni_masks
-from cdp_gfi.data import digits_datasets, make_loader
-from cdp_gfi.graph import trace
-from cdp_gfi.train import evaluate
+from cdp_gfi.data.datasets import digits_datasets
+from cdp_gfi.data.samplers import make_loader
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.train.loop import evaluate
 
 
 def _tiny_cnn() -> nn.Module:

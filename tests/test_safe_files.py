@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from cdp_gfi import build_model, load_slim, select, slim, to_nni_masks
-from cdp_gfi.checkpoint import UnsafeCheckpointError
-from cdp_gfi.graph import trace
-from cdp_gfi.mask_files import compact_masks, expand_masks
-from cdp_gfi.retrain import save_masks_checkpoint
-from cdp_gfi.scope import default_scope, prunable_units, unit_convs
-from cdp_gfi.slim_files import save_slim_checkpoint
-from cdp_gfi.statistics import Statistics
-from cdp_gfi.train import build_optimizer, build_scheduler, fit
+from cdp_gfi.files.checkpoint import UnsafeCheckpointError
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.files.mask_files import compact_masks, expand_masks
+from cdp_gfi.runs.imagenet_stage2 import save_masks_checkpoint
+from cdp_gfi.graph.scope import default_scope, prunable_units, unit_convs
+from cdp_gfi.slimming.slim_files import save_slim_checkpoint
+from cdp_gfi.statistics.store import Statistics
+from cdp_gfi.train.optim import build_optimizer, build_scheduler
+from cdp_gfi.train.loop import fit
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prune_cifar.py"
 _spec = importlib.util.spec_from_file_location("prune_cifar", SCRIPT)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from cdp_gfi.scores import cdp_layer_scores, cdp_scores, gfi_scores, statistics_kinds
-from cdp_gfi.statistics import Statistics
+from cdp_gfi.scores.importance import cdp_layer_scores, cdp_scores, gfi_scores, statistics_kinds
+from cdp_gfi.statistics.store import Statistics
 
 
 def test_cdp_tfidf_hand_computed():

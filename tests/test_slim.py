@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from cdp_gfi import apply_masks, build_model, count_flops, slim, to_nni_masks
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import select
-from cdp_gfi.scope import default_scope
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import select
+from cdp_gfi.graph.scope import default_scope
 
 FAMILIES = [("resnet20", "cifar10", 32), ("vgg11", "cifar10", 32),
             ("resnet18", "imagenet", 64), ("resnet50", "imagenet", 64), ("vgg11", "imagenet", 32)]

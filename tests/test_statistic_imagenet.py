@@ -12,20 +12,21 @@ import pandas as pd
 import pytest
 import torch
 
-import cdp_gfi.imagenet_prune as stage1
+import cdp_gfi.runs.imagenet_stage1 as stage1
 import cdp_gfi.statistics as statistics
-from cdp_gfi import retrain
-from cdp_gfi.checkpoint import load_checkpoint
+from cdp_gfi.runs import imagenet_stage2 as retrain
+from cdp_gfi.files.checkpoint import load_checkpoint
 from cdp_gfi import load_slim
-from cdp_gfi.data import imagenet_datasets, make_loader
-from cdp_gfi.mask_files import expand_masks, kept_vectors
-from cdp_gfi.graph import trace
-from cdp_gfi.masks import apply_masks
+from cdp_gfi.data.datasets import imagenet_datasets
+from cdp_gfi.data.samplers import make_loader
+from cdp_gfi.files.mask_files import expand_masks, kept_vectors
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.masks.select import apply_masks
 from cdp_gfi.models import build_model
-from cdp_gfi.recalibrate import recalibrate_batchnorm
-from cdp_gfi.scores import cdp_scores
-from cdp_gfi.statistics import Statistics
-from cdp_gfi.train import seed_everything
+from cdp_gfi.train.recalibrate import recalibrate_batchnorm
+from cdp_gfi.scores.importance import cdp_scores
+from cdp_gfi.statistics.store import Statistics
+from cdp_gfi.train.loop import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "statistic_imagenet.py"

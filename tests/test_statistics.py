@@ -6,8 +6,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdp_gfi import build_model
-from cdp_gfi.data import ClassShardSampler, TensorImageDataset, is_class_ordered, sample_loader
-from cdp_gfi.statistics import Statistics, StatisticsError, collect_statistics, plan_gfi_passes
+from cdp_gfi.data.samplers import ClassShardSampler, is_class_ordered, sample_loader
+from cdp_gfi.data.datasets import TensorImageDataset
+from cdp_gfi.statistics.store import Statistics, StatisticsError
+from cdp_gfi.statistics.collect import collect_statistics, plan_gfi_passes
 
 LAYERS = ["layer1.0.conv1", "layer2.1.conv1", "layer3.2.conv1"]
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from torch.utils.data import Subset
 
-import cdp_gfi.pipeline as pipeline
-from cdp_gfi.data import digits_datasets
+from cdp_gfi.runs import cifar_steps
+from cdp_gfi.data.datasets import digits_datasets
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prune_cifar.py"
 _spec = importlib.util.spec_from_file_location("prune_cifar", SCRIPT)
@@ -32,7 +32,7 @@ def sweep_args(tmp_path: Path, *extra: str) -> list:
 def sweep_run(tmp_path_factory):
     """A two-point GFI-AP sweep on tiny digits, counting statistics passes: (argv, save_dir, passes)."""
     tmp_path, passes = tmp_path_factory.mktemp("sweep"), []
-    collect = pipeline.collect_statistics
+    collect = cifar_steps.collect_statistics
 
     def counting(*args, **kwargs):
         passes.append(1)
@@ -40,8 +40,8 @@ def sweep_run(tmp_path_factory):
 
     argv = sweep_args(tmp_path, "--sparsity", "0.2,0.4")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "digits_datasets", small_digits)
-        patch.setattr(pipeline, "collect_statistics", counting)
+        patch.setattr(cifar_steps, "digits_datasets", small_digits)
+        patch.setattr(cifar_steps, "collect_statistics", counting)
         assert prune_cifar.main(argv) == 0
     return argv, tmp_path / "sweep", passes
 
@@ -65,7 +65,7 @@ def test_sweep_gathers_statistics_once_and_writes_a_row_per_point(sweep_run):
 
 def test_resumed_sweep_skips_finished_points_and_refuses_other_targets(sweep_run, monkeypatch, capsys):
     argv, save_dir, _ = sweep_run
-    monkeypatch.setattr(pipeline, "digits_datasets", small_digits)
+    monkeypatch.setattr(cifar_steps, "digits_datasets", small_digits)
     (save_dir / "point_0.4" / "summary.json").unlink()
     before = (save_dir / "point_0.2" / "last.pth").stat().st_mtime_ns
     rows = pd.read_csv(save_dir / "sweep.csv")

@@ -152,7 +152,7 @@ def test_a_rank_killed_or_stalled_mid_pass_stops_the_other(imagefolder_root, tmp
     out = tmp_path / "out"
     argv = stage1_args(imagefolder_root, out, "--allow_random_init", *extra)
     codes, errs, seconds = launch(
-        [argv, [str(script), argv[0], "cdp_gfi.imagenet_prune.gather_statistics", sig, *argv[1:]]], tmp_path,
+        [argv, [str(script), argv[0], "cdp_gfi.runs.imagenet_stage1.gather_statistics", sig, *argv[1:]]], tmp_path,
         grace=2)
     assert codes[0] == 1 and codes[1] == -signal.SIGKILL, errs
     lines = error_lines(errs[:1])
@@ -179,7 +179,7 @@ def test_stage2_rank_killed_mid_training_stops_the_other(imagefolder_root, tmp_p
     argv = [STAGE2, "--model", "resnet18", "--dataroot", str(imagefolder_root), "--epochs", "2", "--batch-size",
             "10", "--input-size", "32", "-j", "0", "--device", "cpu", "--results_dir", str(out)]
     codes, errs, seconds = launch(
-        [argv, [str(script), argv[0], "cdp_gfi.retrain.fit", "SIGKILL", *argv[1:]]], tmp_path)
+        [argv, [str(script), argv[0], "cdp_gfi.runs.imagenet_stage2.fit", "SIGKILL", *argv[1:]]], tmp_path)
     assert codes[0] == 1 and codes[1] == -signal.SIGKILL, errs
     lines = error_lines(errs[:1])
     assert len(lines) == 1 and "another process of the job stopped" in lines[0], errs

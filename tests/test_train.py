@@ -9,10 +9,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cdp_gfi.checkpoint import load_checkpoint
-from cdp_gfi.data import make_loader
+from cdp_gfi.files.checkpoint import load_checkpoint
+from cdp_gfi.data.samplers import make_loader
 from cdp_gfi.distributed import all_reduce_sum_, cleanup, init_distributed, parse_device
-from cdp_gfi.train import LOG_COLUMNS, build_optimizer, build_scheduler, evaluate, fit, seed_everything
+from cdp_gfi.train.loop import LOG_COLUMNS, evaluate, fit, seed_everything
+from cdp_gfi.train.optim import build_optimizer, build_scheduler
 
 EPOCHS = 3
 STEPS_PER_EPOCH = 4

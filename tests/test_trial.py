@@ -1,13 +1,13 @@
-"""cdp_gfi.trial: parameters from the tuner over command-line defaults, shared statistics, NNI reports, bad input."""
+"""cdp_gfi.runs.trial: parameters from the tuner over command-line defaults, shared statistics, NNI reports, bad input."""
 import argparse
 import re
 
 import pytest
 import torch
 
-import cdp_gfi.trial as trial
+import cdp_gfi.runs.trial as trial
 from cdp_gfi import build_model
-from cdp_gfi.variants import DEFAULTS
+from cdp_gfi.masks.variants import DEFAULTS
 
 
 def args_of(*argv: str) -> argparse.Namespace:

@@ -4,13 +4,13 @@ import torch
 from torch import nn
 
 from cdp_gfi import build_model, collect_statistics, select
-from cdp_gfi.graph import trace
-from cdp_gfi.groups import internal_units
-from cdp_gfi.masks import group_costs
-from cdp_gfi.ranking import cost_weighted, normalize
-from cdp_gfi.scope import default_scope
-from cdp_gfi.sites import read_points
-from cdp_gfi.variants import DEFAULTS, PUBLISHED, Variant, resolve_variant
+from cdp_gfi.graph.trace import trace
+from cdp_gfi.graph.groups import internal_units
+from cdp_gfi.masks.select import group_costs
+from cdp_gfi.scores.ranking import cost_weighted, normalize
+from cdp_gfi.graph.scope import default_scope
+from cdp_gfi.graph.sites import read_points
+from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant, resolve_variant
 
 
 def test_read_points_of_a_resnet_block_and_a_vgg_head():

@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
-from ..graph import ModelGraph, is_depthwise, live_channels, trace
-from ..mask_files import expand_masks
+from ..files.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from ..files.mask_files import expand_masks
+from ..graph.channels import live_channels
+from ..graph.trace import ModelGraph, is_depthwise, trace
 from ..models import CIFAR_MODELS, DATASETS, MODEL_NAMES, build_model, input_size_for
 
 CONVENTIONS = ("conv-linear", "ptflops")

@@ -4,7 +4,7 @@
     python examples/nni_experiment/run_experiment.py --keep_open   # then keep the web portal up until Ctrl-C
     nnictl create --config examples/nni_experiment/config.yml      # the same experiment from the command line
 
-Every trial runs ``python -m cdp_gfi.trial``; they share one baseline and one
+Every trial runs ``python -m cdp_gfi.runs.trial``; they share one baseline and one
 statistics file per method under ``--workdir``.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from nni.experiment import Experiment  # noqa: E402
 from nni.experiment.data import TrialJob  # noqa: E402
 
-from cdp_gfi.trial import flatten  # noqa: E402
+from cdp_gfi.runs.trial import flatten  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -41,8 +41,8 @@ def free_port() -> int:
 
 
 def trial_command(trial_args: Sequence[str]) -> str:
-    """The shell command of every trial: this interpreter running ``cdp_gfi.trial``."""
-    return shlex.join([sys.executable, "-m", "cdp_gfi.trial", *trial_args])
+    """The shell command of every trial: this interpreter running ``cdp_gfi.runs.trial``."""
+    return shlex.join([sys.executable, "-m", "cdp_gfi.runs.trial", *trial_args])
 
 
 def build_experiment(search_space: Dict[str, Any], trial_args: Sequence[str], working_dir: Path,

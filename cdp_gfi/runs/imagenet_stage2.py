@@ -17,8 +17,7 @@ containers only, read with weights_only=True; masks are stored compact: kept fil
   dense route), "args"}. ``--resume`` of it continues the run.
 
 Training ends like a CIFAR run: ``summary.json``/``summary.csv`` and one printed line with the final slim
-network's top-1, MACs and parameters.
-"""
+network's top-1, MACs and parameters."""
 from __future__ import annotations
 
 import argparse
@@ -27,28 +26,37 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
+from ..data.datasets import imagenet_datasets
+from ..data.samplers import EpochTaggedSampler, SeededAugmentation, ShardSampler, make_loader
+from ..distributed import DistInfo, barrier, init_distributed, launched_rank, on_every_rank, parse_device
+from ..files.checkpoint import (
+    CheckpointError,
+    PathLike,
+    ensure_writable_dir,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_atomic,
+    unwrap_model,
+)
+from ..files.mask_files import MaskFileError, compact_masks, expand_masks
+from ..flops import count_flops, human
+from ..graph.trace import trace
+from ..masks.masked import MaskEnforcer, Masks
+from ..masks.select import apply_masks
+from ..models import IMAGENET_MODELS, build_model
+from ..slimming.slim_files import SLIM_DUMMY_SIZE, rebuild_slim, save_slim_checkpoint
+from ..slimming.speedup import slim
+from ..train.loop import evaluate, fit, seed_everything
+from ..train.optim import build_optimizer, build_scheduler
 from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, exit_status
-from .checkpoint import CheckpointError, PathLike, ensure_writable_dir, load_checkpoint, load_state_dict_strict, \
-    save_atomic, unwrap_model
-from .data import imagenet_datasets, make_loader
-from .distributed import DistInfo, barrier, init_distributed, launched_rank, on_every_rank, parse_device
-from .flops import count_flops, human
-from .graph import trace
-from .mask_files import MaskFileError, compact_masks, expand_masks
-from .masked import MaskEnforcer, Masks
-from .masks import apply_masks
-from .models import IMAGENET_MODELS, build_model
 from .report import write_summary
-from .slim import slim
-from .slim_files import SLIM_DUMMY_SIZE, rebuild_slim, save_slim_checkpoint
-from .train import build_optimizer, build_scheduler, evaluate, fit, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -155,45 +163,6 @@ def prepare_model(args: argparse.Namespace, num_classes: int) -> Prepared:
         model = build_model(name, "imagenet", num_classes)
         load_state_dict_strict(model, ckpt["state_dict"], what=f"{str(path)!r}")
     return Prepared(model, name, route, masks, ckpt if kind == "retrain" else None)
-
-
-class EpochTaggedSampler(DistributedSampler):
-    """DistributedSampler that yields (index, epoch) pairs, for `SeededAugmentation`."""
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        return ((index, self.epoch) for index in super().__iter__())
-
-
-class SeededAugmentation(Dataset):
-    """Draws each item's random augmentation from a generator seeded by (seed, epoch, index).
-
-    So every sample is augmented the same way whatever the number of processes or loader workers.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: Tuple[int, int]) -> Any:
-        index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.dataset[index]
-
-
-class ShardSampler(Sampler[int]):
-    """Every `world_size`-th index from `rank`, unpadded, so an all-reduced evaluation counts each image once."""
-
-    def __init__(self, length: int, world_size: int, rank: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def resolve_device(args: Any) -> DistInfo:

@@ -13,11 +13,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, PathLike, load_checkpoint, load_state_dict_strict, save_atomic, unwrap_model
-from .mask_files import Masks, MaskFileError, compact_masks, expand_masks
-from .models import build_model, input_size_for
-from .slim import slim
-from .statistics import infer_num_classes
+from ..files.checkpoint import (
+    CheckpointError,
+    PathLike,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_atomic,
+    unwrap_model,
+)
+from ..files.mask_files import MaskFileError, Masks, compact_masks, expand_masks
+from ..models import build_model, input_size_for
+from ..statistics.collect import infer_num_classes
+from .speedup import slim
 
 SLIM_DUMMY_SIZE = 64  # ImageNet nets pool adaptively, so slimming at 64x64 gives the same network, fast
 RECIPE_KEYS = ("model_name", "dataset", "num_classes", "masks", "state_dict")

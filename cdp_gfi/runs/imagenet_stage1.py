@@ -32,29 +32,33 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import ensure_writable_dir
-from .data import ClassShardSampler, dataset_targets, imagenet_datasets, make_loader, sample_loader
+from ..data.datasets import imagenet_datasets
+from ..data.samplers import ClassShardSampler, dataset_targets, make_loader, sample_loader
+from ..distributed import DEFAULT_TIMEOUT_S, DistInfo, on_every_rank, same_on_every_rank
+from ..files.checkpoint import ensure_writable_dir
+from ..files.pretrained import load_pretrained
+from ..flops import CONVENTIONS, keep_vectors
+from ..graph.groups import Unit
+from ..graph.scope import SCOPES, prunable_units, unit_convs
+from ..graph.sites import read_points
+from ..graph.trace import ModelGraph, trace
+from ..masks.masked import Masks
+from ..masks.select import check_fraction
+from ..masks.variants import CriterionOptions
+from ..models import IMAGENET_MODELS, build_model
+from ..scores.importance import statistics_kinds
+from ..slimming.slim_files import SLIM_DUMMY_SIZE, save_slim_checkpoint
+from ..slimming.speedup import slim
+from ..statistics.collect import collect_statistics
+from ..statistics.fingerprint import fingerprint
+from ..statistics.store import Statistics
+from ..train.loop import seed_everything
+from ..train.recalibrate import check_batches, recalibrate_batchnorm
+from .cifar_config import PruneConfig
+from .cifar_steps import choose_masks
 from .cli import USER_ERRORS
-from .distributed import DEFAULT_TIMEOUT_S, DistInfo, on_every_rank, same_on_every_rank
-from .fingerprint import fingerprint
-from .flops import CONVENTIONS, keep_vectors
-from .graph import ModelGraph, trace
-from .masked import Masks
-from .masks import check_fraction
-from .models import IMAGENET_MODELS, build_model
-from .pipeline import PruneConfig, choose_masks
-from .pretrained import load_pretrained
-from .sites import read_points
-from .variants import CriterionOptions
-from .recalibrate import check_batches, recalibrate_batchnorm
+from .imagenet_stage2 import resolve_device, save_masks_checkpoint
 from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
-from .retrain import SLIM_DUMMY_SIZE, resolve_device, save_masks_checkpoint, save_slim_checkpoint
-from .groups import Unit
-from .scope import SCOPES, prunable_units, unit_convs
-from .scores import statistics_kinds
-from .slim import slim
-from .statistics import Statistics, collect_statistics
-from .train import seed_everything
 
 STATISTICS_NAME, MASKS_NAME, SLIM_NAME = "statistics.pth", "masks.pth", "slim.pth"
 RESULTS_NAME, LAYERS_NAME, COSTS_NAME = "results.csv", "layers.csv", "costs.csv"

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch.fx as fx
 from torch import nn
 
-from .graph import ModelGraph, is_channelwise, is_flatten
+from .trace import ModelGraph, is_channelwise, is_flatten
 
 SITES = ("conv", "bn", "input")
 ReadPoint = Tuple[str, str]

@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .masks import RULES, check_fraction
-from .ranking import NORMALIZATIONS
-from .scores import CDP_MODES
-from .sites import SITES
+from ..graph.sites import SITES
+from ..scores.importance import CDP_MODES
+from ..scores.ranking import NORMALIZATIONS
+from .select import RULES, check_fraction
 
 
 @dataclass(frozen=True)

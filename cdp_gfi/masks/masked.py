@@ -6,9 +6,9 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .graph import ModelGraph
-from .mask_files import Masks
-from .masks import with_batchnorm_masks
+from ..files.mask_files import Masks
+from ..graph.trace import ModelGraph
+from .select import with_batchnorm_masks
 
 
 class MaskEnforcer:

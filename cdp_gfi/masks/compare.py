@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .flops import keep_vectors
+from ..flops import keep_vectors
 
 Masks = Dict[str, Dict[str, Optional[torch.Tensor]]]
 PRUNERS = ("l1", "l2", "fpgm", "taylor")

@@ -11,10 +11,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .flops import keep_vectors, macs_of
-from .graph import ModelGraph, batchnorm_keep
-from .groups import Unit
-from .ranking import cost_weighted, normalize
+from ..flops import keep_vectors, macs_of
+from ..graph.channels import batchnorm_keep
+from ..graph.groups import Unit
+from ..graph.trace import ModelGraph
+from ..scores.ranking import cost_weighted, normalize
 
 Keep = Dict[str, torch.Tensor]
 Scores = Dict[str, torch.Tensor]

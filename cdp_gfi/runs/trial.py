@@ -1,6 +1,6 @@
 """An NNI trial: CDP or GFI-AP with parameters from the tuner, test accuracy reported each epoch.
 
-    python -m cdp_gfi.trial --dataset digits --statistics_dir ckpt/statistics --baseline_dir ckpt/base
+    python -m cdp_gfi.runs.trial --dataset digits --statistics_dir ckpt/statistics --baseline_dir ckpt/base
 
 Inside an experiment the tuner's parameters (``nni.get_next_parameter()``:
 method, sparsity or flops_reduction, coe, cdp_mode, lr, epochs, ...) override
@@ -32,7 +32,8 @@ warnings.filterwarnings("ignore", message=".*Running trial code without runtime"
 import nni  # noqa: E402
 
 from .cli import OneLineParser, exit_status  # noqa: E402
-from .pipeline import DATASETS, PruneConfig, check, resolve, run  # noqa: E402
+from .cifar_config import DATASETS, PruneConfig, check, resolve
+from .cifar import run  # noqa: E402
 
 # What a search space may set, with its type; the command line gives the defaults.
 TUNABLE: Dict[str, type] = {

@@ -5,11 +5,11 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from .checkpoint import CheckpointError
-from .distributed import DEFAULT_TIMEOUT_S, RankError, cleanup, is_distributed, launched_rank, peer_failure
-from .masks import RULES
-from .ranking import NORMALIZATIONS
-from .sites import SITES
+from ..distributed import DEFAULT_TIMEOUT_S, RankError, cleanup, is_distributed, launched_rank, peer_failure
+from ..files.checkpoint import CheckpointError
+from ..graph.sites import SITES
+from ..masks.select import RULES
+from ..scores.ranking import NORMALIZATIONS
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
 

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import PathLike, atomic_open
-from .flops import CONVENTIONS, count_flops
+from ..files.checkpoint import PathLike, atomic_open
+from ..flops import CONVENTIONS, count_flops
 
 Costs = Dict[str, Tuple[int, int]]  # convention -> (MACs, params)
 

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .statistics import Statistics
+from ..statistics.store import Statistics
 
 METHODS = ("cdp", "gfi")
 CDP_MODES = ("classwise", "sample")
@@ -109,9 +109,9 @@ def compute_scores(model, loader, method: str = "cdp", *, cdp_mode: str = "class
 
     ``layers`` defaults to the block-internal scope (``scope.default_scope``).
     """
-    from .graph import trace
-    from .scope import default_scope
-    from .statistics import _is_evaluator, _split_batch, collect_statistics
+    from ..graph.scope import default_scope
+    from ..graph.trace import trace
+    from ..statistics.collect import _is_evaluator, _split_batch, collect_statistics
 
     kinds = statistics_kinds(method, cdp_mode)
     dummy = loader.get_dummy_input() if _is_evaluator(loader) else _split_batch(next(iter(loader)))[0]

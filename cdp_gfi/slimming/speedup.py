@@ -17,9 +17,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .flops import keep_vectors
-from .graph import ModelGraph, channel_padding, live_channels, trace
-from .masks import with_batchnorm_masks
+from ..flops import keep_vectors
+from ..graph.channels import live_channels
+from ..graph.trace import ModelGraph, channel_padding, trace
+from ..masks.select import with_batchnorm_masks
 
 _QUIET = logging.getLogger("cdp_gfi.slim.nni")
 _QUIET.addHandler(logging.NullHandler())

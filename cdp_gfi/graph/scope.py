@@ -6,8 +6,8 @@ from typing import Dict, List, Optional, Sequence
 
 from torch import nn
 
-from .graph import ModelGraph
 from .groups import Unit, coupled_units, internal_units
+from .trace import ModelGraph
 
 SCOPES = ("internal", "all")
 

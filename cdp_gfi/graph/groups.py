@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .graph import ModelGraph, Step, channel_steps, channels
+from .channels import Step, channel_steps, channels
+from .trace import ModelGraph
 
 Channel = Tuple[str, int]
 PIN: Channel = ("", -1)

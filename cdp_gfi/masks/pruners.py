@@ -25,12 +25,13 @@ from nni.compression.base.compressor import Pruner
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from .graph import trace
-from .masks import check_fraction, select, to_nni_masks
-from .scope import follower_convs, prunable_units, resolve_config_list
-from .scores import scores_from_statistics, statistics_kinds
-from .sites import read_points
-from .statistics import Statistics, collect_statistics, _split_batch
+from ..graph.scope import follower_convs, prunable_units, resolve_config_list
+from ..graph.sites import read_points
+from ..graph.trace import trace
+from ..scores.importance import scores_from_statistics, statistics_kinds
+from ..statistics.collect import _split_batch, collect_statistics
+from ..statistics.store import Statistics
+from .select import check_fraction, select, to_nni_masks
 from .variants import resolve_variant
 
 

@@ -1,0 +1,1 @@
+"""Data: datasets and the loaders and samplers that read them."""

@@ -1,0 +1,1 @@
+"""Files: atomic checkpoints and strict loads, published checkpoint layouts, compact mask files."""

@@ -1,0 +1,1 @@
+"""The model as a graph: fx trace, channel steps, coupled channel groups, scopes, feature sites."""

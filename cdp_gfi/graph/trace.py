@@ -1,0 +1,157 @@
+"""The fx trace of a model and what its nodes are (convs, channel-wise ops, flattens, pads)."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import stochastic_depth
+
+if TYPE_CHECKING:  # channels.py builds on this module; the annotation only names its Step
+    from .channels import Step
+
+# Modules and functions that act on each channel independently: a dead
+# (all-zero) input channel stays a dead output channel.
+CHANNELWISE_MODULES = (
+    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.Identity,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+CHANNELWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.dropout, F.hardswish,
+    F.hardsigmoid, F.sigmoid, torch.sigmoid, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, stochastic_depth,
+}
+CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "contiguous", "clone", "detach"}
+FLATTEN_FUNCTIONS = {torch.flatten}
+FLATTEN_METHODS = {"flatten", "view", "reshape"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+CAT_FUNCTIONS = {torch.cat, torch.concat}
+CHUNK_FUNCTIONS = {torch.chunk}
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced by torch.fx, so its channel flow is unknown."""
+
+
+@dataclass
+class ModelGraph:
+    """A traced model with tensor shapes on every node (batch of one)."""
+
+    gm: fx.GraphModule
+    modules: Dict[str, nn.Module] = field(repr=False)
+    _steps: Optional[Dict[fx.Node, "Step"]] = field(default=None, repr=False)
+
+    def module_of(self, node: fx.Node) -> Optional[nn.Module]:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def conv_nodes(self) -> Dict[str, fx.Node]:
+        """Conv2d call sites by module name, in execution order."""
+        return {n.target: n for n in self.gm.graph.nodes if isinstance(self.module_of(n), nn.Conv2d)}
+
+    def shape(self, node: fx.Node) -> torch.Size:
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise TraceError(f"no tensor shape recorded for graph node {node.name!r}")
+        return meta.shape
+
+
+def trace(model: nn.Module, dummy_input: torch.Tensor) -> ModelGraph:
+    """fx-trace ``model`` and record every node's output shape for ``dummy_input[:1]``."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types; name the culprit
+        culprit = _untraceable_module(model)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: module {culprit!r} broke tracing ({exc}). "
+            "The pruning scope, coupled groups and slimming all read the traced graph: make that "
+            "forward() free of data-dependent control flow, or mark the module a leaf with a custom "
+            "torch.fx.Tracer"
+        ) from exc
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(dummy_input[:1].to(_device_of(model)))
+    finally:
+        model.train(was_training)
+    return ModelGraph(gm=gm, modules=dict(gm.named_modules()))
+
+
+def _untraceable_module(model: nn.Module) -> str:
+    """Dotted name (and class) of the innermost submodule whose own forward fails to trace."""
+    path, mod = [], model
+    while True:
+        for name, child in mod.named_children():
+            try:
+                fx.symbolic_trace(child)
+            except Exception:
+                path.append(name)
+                mod = child
+                break
+        else:
+            return f"{'.'.join(path) or '<top level>'} ({type(mod).__name__})"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def is_depthwise(mod: nn.Conv2d) -> bool:
+    """A conv whose every group reads one input channel: its filters follow that channel."""
+    return mod.groups > 1 and mod.groups == mod.in_channels
+
+
+def is_channelwise(graph: ModelGraph, node: fx.Node) -> bool:
+    """True when ``node`` maps each input channel to the same output channel alone."""
+    mod = graph.module_of(node)
+    if mod is not None:
+        return isinstance(mod, CHANNELWISE_MODULES)
+    if node.op == "call_function" and node.target in MUL_FUNCTIONS | {operator.truediv}:
+        return sum(isinstance(a, fx.Node) for a in node.args) == 1  # scaling by a constant
+    if node.op == "call_function":
+        return node.target in CHANNELWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in CHANNELWISE_METHODS
+    return False
+
+
+def is_flatten(graph: ModelGraph, node: fx.Node) -> bool:
+    """True for a flatten/view to [N, features] (channel-major), as before a classifier."""
+    mod = graph.module_of(node)
+    if isinstance(mod, nn.Flatten):
+        return True
+    if node.op == "call_function" and node.target in FLATTEN_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target in FLATTEN_METHODS:
+        return len(graph.shape(node)) == 2
+    return False
+
+
+def channel_padding(node: fx.Node) -> Optional[Tuple[int, int]]:
+    """(front, back) channels an ``F.pad`` of a 4-D tensor adds, or None if it is not one."""
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if not isinstance(pad, (tuple, list)) or len(pad) < 6:
+        return (0, 0) if isinstance(pad, (tuple, list)) else None
+    return int(pad[4]), int(pad[5])
+
+
+def is_spatial_slice(node: fx.Node) -> bool:
+    """``x[:, :, ...]``: indexing that keeps every channel in place."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    idx = node.args[1]
+    return (isinstance(idx, tuple) and len(idx) >= 2 and all(isinstance(i, slice) for i in idx)
+            and idx[1] == slice(None) and idx[0] == slice(None))
+
+
+Route = List[Optional[Tuple[int, int]]]

@@ -1,0 +1,1 @@
+"""Masks: the global selection, the criterion variants, the NNI pruners and masked training."""

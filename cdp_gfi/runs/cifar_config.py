@@ -1,0 +1,125 @@
+"""The settings of a CIFAR / digits run: PruneConfig, its defaults and its checks."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..distributed import parse_device
+from ..flops import CONVENTIONS
+from ..graph.scope import SCOPES
+from ..masks.select import check_fraction
+from ..masks.variants import CriterionOptions
+from ..models import models_for
+from ..scores.importance import statistics_kinds
+
+DATASETS = ("cifar10", "cifar100", "digits")
+SCHEDULES = ("cosine", "step")
+DIGITS_FLOPS_REDUCTION = 0.45
+BASELINE_LR = 0.1
+# Where files live, not what they compute: free to differ when a run is resumed.
+RUNTIME_ONLY = frozenset({"resume", "workers", "device", "gpus", "dataroot", "download", "integrity_check",
+                          "save_dir", "statistics_file", "baseline_dir"})
+# A fresh run in an old save_dir removes these, so a later --resume never continues the old run.
+RUN_FILES = ("pruned.pth", "last.pth", "best.pth", "log.csv", "baseline/last.pth", "baseline/best.pth",
+             "baseline/log.csv")
+
+
+@dataclass(frozen=True)
+class PruneConfig(CriterionOptions):
+    """Every setting of a run; None means "the default for this dataset and schedule" (see ``resolve``)."""
+
+    dataset: str = "cifar10"
+    model: Optional[str] = None
+    dataroot: Optional[str] = None
+    download: bool = False
+    integrity_check: bool = True
+    pretrained_dir: Optional[str] = None
+    train_baseline: bool = False
+    baseline_epochs: Optional[int] = None
+    baseline_dir: str = "ckpt/base"
+    sparsity: Optional[float] = None
+    flops_reduction: Optional[float] = None
+    flops_convention: str = "conv-linear"
+    stop_batch: Optional[int] = None
+    batch_size: Optional[int] = None
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    wd: float = 5e-4
+    schedule: str = "cosine"
+    layerwise_retrain: int = 0
+    bn_recalibrate: Optional[int] = None
+    seed: int = 0
+    save_dir: Optional[str] = None
+    resume: bool = False
+    statistics_file: Optional[str] = None
+    device: Optional[str] = None
+    gpus: Optional[str] = None
+    workers: Optional[int] = None
+
+
+def defaults(config: PruneConfig) -> Dict[str, Any]:
+    """Defaults: the CDP README's for CIFAR (GFI-AP's lr and epochs with the step schedule); a 3-minute digits demo."""
+    step = config.schedule == "step"
+    out: Dict[str, Any] = dict(model="resnet20", stop_batch=200, batch_size=128, workers=4, baseline_epochs=200,
+                               lr=0.08 if step else 0.01, epochs=80 if step else 300)
+    if config.dataset == "digits":
+        out.update(workers=0, baseline_epochs=6, epochs=6, batch_size=64)
+        if config.sparsity is None and config.flops_reduction is None:
+            out["flops_reduction"] = DIGITS_FLOPS_REDUCTION
+    out.update(asdict(config.variant()))
+    out["save_dir"] = (f"runs/{config.dataset}_{config.model or out['model']}_{config.method}"
+                       f"_seed{config.seed}")
+    return out
+
+
+def resolve(config: PruneConfig) -> PruneConfig:
+    """``config`` with every None that has a default filled in."""
+    return replace(config, **{k: v for k, v in defaults(config).items() if getattr(config, k) is None})
+
+
+def _positive_int(config: PruneConfig, name: str, minimum: int = 1) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"--{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check(config: PruneConfig) -> torch.device:
+    """Refuse bad settings of a resolved config (ranges, choices, flag combinations, device); returns the device."""
+    if config.dataset not in DATASETS:
+        raise ValueError(f"--dataset must be one of {DATASETS}, got {config.dataset!r}")
+    if config.model not in models_for(config.dataset):
+        raise ValueError(f"--model {config.model!r} is not one of {list(models_for(config.dataset))}")
+    statistics_kinds(config.method, config.cdp_mode)
+    if (config.sparsity is None) == (config.flops_reduction is None):
+        raise ValueError("give exactly one of --sparsity and --flops_reduction")
+    check_fraction(config.sparsity if config.sparsity is not None else config.flops_reduction,
+                   "--sparsity" if config.sparsity is not None else "--flops_reduction")
+    if config.flops_convention not in CONVENTIONS:
+        raise ValueError(f"--flops_convention must be one of {CONVENTIONS}, got {config.flops_convention!r}")
+    if config.scope not in SCOPES:
+        raise ValueError(f"--scope must be one of {SCOPES}, got {config.scope!r}")
+    if config.round_to is not None:
+        _positive_int(config, "round_to")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    if config.coe is not None and config.coe < 0:
+        raise ValueError(f"--coe must be >= 0 (0: no layer rescaling), got {config.coe}")
+    for name in ("stop_batch", "batch_size", "epochs", "baseline_epochs"):
+        _positive_int(config, name)
+    for name in ("workers", "layerwise_retrain"):
+        _positive_int(config, name, minimum=0)
+    if not config.lr > 0 or not 0 <= config.momentum < 1 or not config.wd >= 0:
+        raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --wd >= 0; got {config.lr}, {config.momentum}, "
+                         f"{config.wd}")
+    if config.dataset == "digits" and config.dataroot:
+        raise ValueError("--dataroot is not used with --dataset digits (scikit-learn ships the images)")
+    if config.dataset != "digits" and not config.dataroot:
+        raise ValueError(f"--dataroot is required for --dataset {config.dataset}")
+    if config.pretrained_dir and config.train_baseline:
+        raise ValueError("give --pretrained_dir or --train_baseline, not both")
+    if config.dataset != "digits" and not (config.pretrained_dir or config.train_baseline):
+        raise ValueError("give --pretrained_dir (a trained checkpoint) or --train_baseline (train one first)")
+    return parse_device(config.device, config.gpus)

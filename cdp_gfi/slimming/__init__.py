@@ -1,0 +1,1 @@
+"""Slimming: masks made physical through NNI's ModelSpeedup, and slim networks as files."""

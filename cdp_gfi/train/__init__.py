@@ -1,0 +1,1 @@
+"""Training: the fine-tuning loop, optimiser and schedule, BatchNorm re-estimation."""
