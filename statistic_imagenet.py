@@ -16,9 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
-from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_recalibration_argument, exit_status  # noqa: E402
+from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_recalibration_argument, exit_status, imagenet_model  # noqa: E402
 from cdp_gfi.runs.imagenet_stage1 import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
-from cdp_gfi.models import IMAGENET_MODELS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Stage 1: prune an ImageNet CNN with CDP or GFI-AP from sampled statistics; write "
                                   "statistics, masks, the slim network and a MACs/params report.")
     a = p.add_argument
-    a("--model", choices=IMAGENET_MODELS, default="resnet50", metavar="NAME",
+    a("--model", type=imagenet_model, default="resnet50", metavar="NAME",
       help="any torchvision classification CNN by its torchvision.models name (resnet50, mobilenet_v2, "
-           "efficientnet_b0, ...; plain vggNN = vggNN_bn; default resnet50)")
+           "efficientnet_b0, ...; plain vggNN = vggNN_bn; default resnet50), or timm:NAME for a timm model "
+           "(needs timm installed)")
     a("--pretrained_dir", help="trained weights: a state_dict, {'state_dict': ...}, a checkpoint of ours, or a "
                                "torchvision weights file (nested or bare, 'module.' ok); loaded strictly")
     a("--allow_random_init", action="store_true",

@@ -1,4 +1,4 @@
-"""Coverage: which torchvision CNNs cdp_gfi can prune and slim, with Torch-Pruning's coverage beside it.
+"""Coverage: which torchvision and timm CNNs cdp_gfi can prune and slim, with Torch-Pruning's beside it.
 
 For each model (random weights, BatchNorm statistics randomised so a pruned
 channel's BN shift would show): trace, take the scope's units, remove 30% of
@@ -16,8 +16,14 @@ intra-op thread by default: on a 2-core machine shared with another job, two
 threads wait on each other whenever one loses its core (a row ran up to 27x
 slower).
 
-    python bench/bench_coverage.py                      # every model, both scopes, 96x96
-    python bench/bench_coverage.py --models mobilenet_v2,resnext50_32x4d --no-competitor
+``--api`` adds rows for the shipped criteria through the README's API
+(``CDPPruner`` / ``GFIPruner`` defaults on random images, ``flops_reduction``
+0.3, then ``slim``): whether the default selection reaches the target.
+timm models are named ``timm:NAME`` (timm is a bench extra, not a dependency).
+
+    python bench/bench_coverage.py                      # both libraries, both scopes, 96x96
+    python bench/bench_coverage.py --library timm --out readme/coverage_timm.csv
+    python bench/bench_coverage.py --models mobilenet_v2,timm:mixnet_s --no-competitor --api
 """
 from __future__ import annotations
 
@@ -47,6 +53,14 @@ MODELS = ("resnet18,resnet50,resnext50_32x4d,wide_resnet50_2,vgg11,mobilenet_v2,
           "mobilenet_v3_large,efficientnet_b0,efficientnet_b1,efficientnet_b2,efficientnet_b3,efficientnet_v2_s,"
           "regnet_x_400mf,regnet_y_400mf,mnasnet0_5,mnasnet1_0,shufflenet_v2_x0_5,shufflenet_v2_x1_0,"
           "densenet121,googlenet,inception_v3,convnext_tiny")
+TIMM_MODELS = ",".join(f"timm:{n}" for n in (
+    "resnet18 resnet26d resnet50d seresnext26d_32x4d ecaresnet26t skresnet18 resnest14d res2net50_14w_8s "
+    "resnetv2_50x1_bit resnet34d efficientnet_b0 tf_efficientnet_b0 efficientnet_lite0 efficientnetv2_rw_t "
+    "tf_efficientnetv2_b0 tinynet_e mobilenetv2_050 mobilenetv3_large_100 mobilenetv3_small_050 mixnet_s "
+    "mnasnet_100 semnasnet_050 spnasnet_100 fbnetc_100 hardcorenas_a lcnet_050 ghostnet_100 rexnet_100 "
+    "regnetx_002 regnety_004 densenet121 dla34 dpn68 cspresnet50 hrnet_w18_small vgg11_bn repvgg_a0 "
+    "convnext_atto ese_vovnet19b_dw selecsls42b").split())
+LIBRARIES = {"torchvision": MODELS, "timm": TIMM_MODELS}
 MIN_SIZE = {"inception_v3": 75}  # its unpadded convs and pools need at least 75x75; the others take 64x64
 
 
@@ -54,7 +68,7 @@ def _model(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name, "imagenet")
     for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
+        if isinstance(mod, nn.BatchNorm2d):  # subclasses too (timm's BatchNormAct2d)
             mod.running_mean.uniform_(-0.1, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
             mod.weight.data.uniform_(0.5, 1.5)
@@ -100,6 +114,31 @@ def ours(name: str, scope: str, size: int, target: float) -> Dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def api(name: str, method: str, size: int, target: float) -> Dict:
+    """The shipped criterion through the README's API on random images: does its selection reach ``target``?"""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cdp_gfi import CDPPruner, GFIPruner
+
+    started = time.perf_counter()
+    model, x = _model(name), torch.randn(32, 3, size, size)
+    loader = DataLoader(TensorDataset(x, torch.arange(32) % 10), batch_size=16)
+    row = dict(model=name, tool=f"{method} default (API)")
+    try:
+        pruner = (CDPPruner if method == "cdp" else GFIPruner)(
+            model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], loader, flops_reduction=target, progress=False)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+    except ValueError as err:
+        return {**row, "note": str(err)[:160], "seconds": round(time.perf_counter() - started, 1)}
+    macs0 = count_flops(model, (3, size, size))[0]
+    macs1 = count_flops(model, (3, size, size), masks=masks)[0]
+    return {**row, "convs_total": len(pruner.graph.conv_nodes()), "convs_ranked": len(pruner.layers),
+            "convs_pruned": sum(1 for k in keep_vectors(masks).values() if not k.all()),
+            "macs_before_M": round(macs0 / 1e6, 2), "macs_after_M": round(macs1 / 1e6, 2),
+            "reduction_%": round(100 * (1 - macs1 / macs0), 1), "seconds": round(time.perf_counter() - started, 1)}
+
+
 def torch_pruning(name: str, size: int, target: float) -> Dict:
     """Torch-Pruning's magnitude pruner, stepped until ``target`` of MACs is gone (or no step helps)."""
     import torch_pruning as tp
@@ -136,7 +175,9 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=MODELS, help="comma-separated torchvision names")
+    parser.add_argument("--library", default="torchvision,timm", help="comma-separated: torchvision, timm")
+    parser.add_argument("--models", help="comma-separated names (timm:NAME for timm); default: the libraries' lists")
+    parser.add_argument("--api", action="store_true", help="add the default CDPPruner / GFIPruner through the API")
     parser.add_argument("--size", type=int, default=96, help="input height = width")
     parser.add_argument("--target", type=float, default=0.3, help="fraction of MACs to remove")
     parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated; empty: Torch-Pruning only")
@@ -146,12 +187,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, rows = time.perf_counter(), []
-    jobs = [(m, s) for m in args.models.split(",") for s in args.scopes.split(",") if s]
-    jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in args.models.split(",")]
+    models = (args.models or ",".join(LIBRARIES[lib] for lib in args.library.split(","))).split(",")
+    jobs = [(m, s) for m in models for s in args.scopes.split(",") if s]
+    jobs += [(m, f"api-{method}") for m in models for method in ("cdp", "gfi")] if args.api else []
+    jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in models]
     for name, scope in tqdm(jobs, desc="coverage"):
         try:
-            rows.append(torch_pruning(name, args.size, args.target) if scope == "torch-pruning"
-                        else ours(name, scope, args.size, args.target))
+            if scope == "torch-pruning":
+                rows.append(torch_pruning(name, args.size, args.target))
+            elif scope.startswith("api-"):
+                rows.append(api(name, scope[4:], args.size, args.target))
+            else:
+                rows.append(ours(name, scope, args.size, args.target))
         except Exception as err:
             rows.append(dict(model=name, tool=f"cdp_gfi {scope}", note=f"{type(err).__name__}: {str(err)[:120]}"))
         pd.DataFrame(rows).to_csv(args.out, index=False)

@@ -1,7 +1,8 @@
 """MACs and parameters in the two conventions the papers use, dense or as if slimmed.
 
-Dense models are counted by NNI's ``count_flops_params`` (conv + linear MACs)
-and ptflops (also BN, ReLU and pooling modules, conv bias). With masks the
+Dense models are counted through their traced graph (conv + linear MACs;
+NNI's ``count_flops_params`` when the model does not trace) or by ptflops
+(also BN, ReLU and pooling modules, conv bias). With masks the
 count follows the live channels through the traced graph, so it equals
 counting the slimmed network without building it: fast enough to search a
 FLOPs target over many candidate masks.
@@ -27,7 +28,7 @@ from torch import nn
 from ..files.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from ..files.mask_files import expand_masks
 from ..graph.channels import live_channels
-from ..graph.trace import ModelGraph, is_depthwise, trace
+from ..graph.trace import ModelGraph, TraceError, is_depthwise, trace
 from ..models import CIFAR_MODELS, DATASETS, MODEL_NAMES, build_model, input_size_for
 
 CONVENTIONS = ("conv-linear", "ptflops")
@@ -56,6 +57,11 @@ def count_flops(model: nn.Module, input_size: Sequence[int], convention: str = "
         table = layer_table(model, input_size, convention, masks)
         return int(table["macs"].sum()), int(table["params"].sum())
     params = sum(p.numel() for p in model.parameters())
+    if convention == "conv-linear":
+        try:  # the traced graph's shapes: right for layer subclasses whose forward pads (NNI's counter is not)
+            return macs_of(trace(model, _dummy(model, input_size)), {}, convention), params
+        except TraceError:
+            pass
     was_training = model.training
     model.eval()
     try:

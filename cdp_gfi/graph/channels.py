@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .leaves import slices_exactly
 from .trace import (
     ADD_FUNCTIONS,
     CAT_FUNCTIONS,
@@ -85,7 +86,8 @@ def channel_steps(graph: ModelGraph) -> Dict[fx.Node, Step]:
         after_layer: set = set()  # nodes downstream of a conv or linear: their channels could be pruned
         for node in graph.gm.graph.nodes:
             steps[node] = _step(graph, node, steps)
-            if steps[node].kind in LAYER_KINDS or any(a in after_layer for a in node.all_input_nodes):
+            pinned_layer = isinstance(graph.module_of(node), (nn.Conv2d, nn.Linear))  # a subclass pinned above
+            if steps[node].kind in LAYER_KINDS or pinned_layer or any(a in after_layer for a in node.all_input_nodes):
                 after_layer.add(node)
             if steps[node].unknown and node in after_layer:
                 unknown.setdefault(steps[node].unknown, node.name)
@@ -94,6 +96,12 @@ def channel_steps(graph: ModelGraph) -> Dict[fx.Node, Step]:
                           f"{where!r}): the channels it touches are pinned, never pruned", stacklevel=2)
         graph._steps = steps
     return graph._steps
+
+
+def pinned_ops(graph: ModelGraph) -> str:
+    """The ops that pin channels downstream of a layer, named for an error message (empty when none)."""
+    ops = dict.fromkeys(s.unknown for s in channel_steps(graph).values() if s.unknown)
+    return f"channels are pinned by {', '.join(ops)}" if ops else ""
 
 
 def _identity(node: fx.Node) -> Route:
@@ -118,6 +126,9 @@ def _step(graph: ModelGraph, node: fx.Node, steps: Dict[fx.Node, Step]) -> Step:
         return Step("none")
     mod = graph.module_of(node)
     x = tensors[0] if tensors else None
+    if isinstance(mod, (nn.Conv2d, nn.Linear)) and not slices_exactly(mod):
+        return Step("pin", list(node.all_input_nodes),
+                    unknown=f"{type(mod).__name__} (its own forward does not slice with its channels)")
     if isinstance(mod, nn.Conv2d):
         if mod.groups == 1:
             return Step("conv", [x])

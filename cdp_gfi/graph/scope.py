@@ -46,10 +46,12 @@ def follower_convs(units: Dict[str, Unit]) -> List[str]:
     return list(dict.fromkeys(c for unit in units.values() for c in unit.follower_widths))
 
 
-def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Dict[str, Unit]) -> List[PruneGroup]:
+def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Dict[str, Unit],
+                        why_none: str = "") -> List[PruneGroup]:
     """Turn NNI config entries into groups of in-scope units (model order), one global ranking each.
 
-    A unit belongs to the first entry that selects every one of its convs.
+    A unit belongs to the first entry that selects every one of its convs; ``op_types`` ``Conv2d``
+    selects its subclasses too. ``why_none`` says why no unit exists, for the error when none does.
     """
     from nni.compression.base.config import select_modules_by_config, trans_legacy_config_list
 
@@ -61,14 +63,23 @@ def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Di
     for idx, entry in enumerate(trans_legacy_config_list([dict(c) for c in config_list])):
         if not isinstance(entry, dict) or not ({"op_types", "op_names", "op_names_re"} & set(entry)):
             raise ValueError(f"config_list[{idx}] must select modules with op_types, op_names or op_names_re")
-        selected, _, _ = select_modules_by_config(model, entry)
+        selected, _, _ = select_modules_by_config(model, _with_subclasses(model, entry))
         names = sorted((n for n, u in units.items() if set(u.convs) <= set(selected) and n not in taken),
                        key=order.__getitem__)
         if not names:
             scope = list(units)
-            raise ValueError(
-                f"config_list[{idx}] ({entry}) matches no prunable conv; the prunable ones are: "
-                f"{scope[:6]}{' ...' if len(scope) > 6 else ''}")
+            listed = f"the prunable ones are: {scope[:6]}{' ...' if len(scope) > 6 else ''}" if scope else \
+                f"no conv is prunable in this model{f' ({why_none})' if why_none else ''}"
+            raise ValueError(f"config_list[{idx}] ({entry}) matches no prunable conv; {listed}")
         taken.update(names)
         groups.append(PruneGroup(names, entry.get("sparse_ratio"), entry.get("max_sparse_ratio")))
     return groups
+
+
+def _with_subclasses(model: nn.Module, entry: Dict) -> Dict:
+    """``entry`` with the class names of the model's subclasses of its ``op_types`` added (NNI matches names)."""
+    types = entry.get("op_types")
+    if not types:
+        return entry
+    extra = {type(m).__name__ for m in model.modules() if any(c.__name__ in types for c in type(m).__mro__)}
+    return {**entry, "op_types": list(dict.fromkeys([*types, *sorted(extra)]))}

@@ -1,15 +1,20 @@
 """The fx trace of a model and what its nodes are (convs, channel-wise ops, flattens, pads)."""
 from __future__ import annotations
 
+import inspect
+import linecache
 import operator
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from .leaves import LeafSpec, LeafTracer, slices_exactly
 from torchvision.ops import stochastic_depth
 
 if TYPE_CHECKING:  # channels.py builds on this module; the annotation only names its Step
@@ -46,6 +51,7 @@ class ModelGraph:
 
     gm: fx.GraphModule
     modules: Dict[str, nn.Module] = field(repr=False)
+    leaf_modules: Tuple[LeafSpec, ...] = ()  # kept whole by the tracer, beside the layers (``leaves``)
     _steps: Optional[Dict[fx.Node, "Step"]] = field(default=None, repr=False)
 
     def module_of(self, node: fx.Node) -> Optional[nn.Module]:
@@ -62,18 +68,14 @@ class ModelGraph:
         return meta.shape
 
 
-def trace(model: nn.Module, dummy_input: torch.Tensor) -> ModelGraph:
-    """fx-trace ``model`` and record every node's output shape for ``dummy_input[:1]``."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types; name the culprit
-        culprit = _untraceable_module(model)
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: module {culprit!r} broke tracing ({exc}). "
-            "The pruning scope, coupled groups and slimming all read the traced graph: make that "
-            "forward() free of data-dependent control flow, or mark the module a leaf with a custom "
-            "torch.fx.Tracer"
-        ) from exc
+def trace(model: nn.Module, dummy_input: torch.Tensor, leaf_modules: Sequence[LeafSpec] = ()) -> ModelGraph:
+    """fx-trace ``model`` and record every node's output shape for ``dummy_input[:1]``.
+
+    Layers (conv, linear, BatchNorm; subclasses too) and ``leaf_modules``
+    (module classes or qualified names) stay single nodes; arguments of
+    ``forward`` after the input that have defaults are traced at them.
+    """
+    gm = fx_trace(model, leaf_modules)
     was_training = model.training
     model.eval()
     try:
@@ -81,22 +83,65 @@ def trace(model: nn.Module, dummy_input: torch.Tensor) -> ModelGraph:
             ShapeProp(gm).propagate(dummy_input[:1].to(_device_of(model)))
     finally:
         model.train(was_training)
-    return ModelGraph(gm=gm, modules=dict(gm.named_modules()))
+    return ModelGraph(gm=gm, modules=dict(gm.named_modules()), leaf_modules=tuple(leaf_modules))
 
 
-def _untraceable_module(model: nn.Module) -> str:
-    """Dotted name (and class) of the innermost submodule whose own forward fails to trace."""
-    path, mod = [], model
-    while True:
-        for name, child in mod.named_children():
-            try:
-                fx.symbolic_trace(child)
-            except Exception:
-                path.append(name)
-                mod = child
-                break
-        else:
-            return f"{'.'.join(path) or '<top level>'} ({type(mod).__name__})"
+def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphModule:
+    """The GraphModule of ``model`` as ``trace`` sees it (``LeafTracer``, defaults of extra arguments)."""
+    tracer = LeafTracer(leaf_modules)
+    defaults = default_arguments(model)
+    try:
+        graph = tracer.trace(model, concrete_args=defaults or None)
+    except Exception as exc:  # fx raises many types; name the line and how to get past it
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {_culprit(model, exc)} broke "
+                         f"tracing ({exc}). The pruning scope, coupled groups and slimming all read the traced "
+                         "graph: make that forward() free of data-dependent control flow, or keep the module "
+                         "whole by passing its class or name in leaf_modules=[...] (its channels are then "
+                         "pinned)") from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if defaults:
+        _drop_specialisation_checks(gm)
+    return gm
+
+
+def default_arguments(model: nn.Module) -> Dict[str, object]:
+    """Arguments of ``model.forward`` after the first that have defaults (``return_features=False``, ...)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _drop_specialisation_checks(gm: fx.GraphModule) -> None:
+    """Remove the placeholders fx keeps for defaulted arguments and the asserts on their values."""
+    graph = gm.graph
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in ("_assert", "_assert_is_none"):
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    first = next(iter(graph.nodes))
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and not node.users and node is not first:
+            graph.erase_node(node)
+    gm.recompile()
+
+
+def _culprit(model: nn.Module, exc: BaseException) -> str:
+    """Where tracing failed: the innermost line of the model's own code, and the module running it."""
+    tb, frame = exc.__traceback__, None
+    torch_dir = os.path.dirname(torch.__file__)
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(torch_dir):
+            frame = tb
+        tb = tb.tb_next
+    if frame is None:
+        return "its forward()"
+    code = frame.tb_frame.f_code
+    line = linecache.getline(code.co_filename, frame.tb_lineno).strip()
+    owner = frame.tb_frame.f_locals.get("self")
+    names = {id(m): n for n, m in model.named_modules()}
+    where = (f"module {names[id(owner)] or '<top level>'!r} ({type(owner).__name__}), "
+             if isinstance(owner, nn.Module) and id(owner) in names else "")
+    return f"{where}{os.path.basename(code.co_filename)}:{frame.tb_lineno} `{line}`"
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -113,7 +158,7 @@ def is_channelwise(graph: ModelGraph, node: fx.Node) -> bool:
     """True when ``node`` maps each input channel to the same output channel alone."""
     mod = graph.module_of(node)
     if mod is not None:
-        return isinstance(mod, CHANNELWISE_MODULES)
+        return isinstance(mod, CHANNELWISE_MODULES) and slices_exactly(mod)
     if node.op == "call_function" and node.target in MUL_FUNCTIONS | {operator.truediv}:
         return sum(isinstance(a, fx.Node) for a in node.args) == 1  # scaling by a constant
     if node.op == "call_function":

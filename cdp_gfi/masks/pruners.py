@@ -14,11 +14,13 @@ conv, channels that meet in an addition as one group (``groups.py``).
 Config entries select within the scope; each entry is one global ranking.
 The criterion variant (``site``, ``normalize``, ``cost_power``, ``rule``,
 ``cdp_mode``, the per-layer cap) defaults to the one shipped for the method;
-``published=True`` gives the paper's.
+``published=True`` gives the paper's. ``leaf_modules`` (module classes or
+names) are kept whole when the model is traced: a way past a module whose
+forward torch.fx cannot trace (its channels are then pinned).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from nni.compression.base.compressor import Pruner
@@ -27,6 +29,8 @@ from torch import nn
 
 from ..graph.scope import follower_convs, prunable_units, resolve_config_list
 from ..graph.sites import read_points
+from ..graph.channels import pinned_ops
+from ..graph.leaves import LeafSpec, torch_base
 from ..graph.trace import trace
 from ..scores.importance import scores_from_statistics, statistics_kinds
 from ..statistics.collect import _split_batch, collect_statistics
@@ -47,7 +51,8 @@ class _StatisticsPruner(Pruner):
                  max_layer_sparsity: Optional[float] = None, memory_budget_gb: Optional[float] = None,
                  scope: str = "internal", round_to: Optional[int] = None, published: bool = False,
                  site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
-                 rule: Optional[str] = None, progress: bool = True, existed_wrappers=None, **method_options):
+                 rule: Optional[str] = None, progress: bool = True, leaf_modules: Sequence[LeafSpec] = (),
+                 existed_wrappers=None, **method_options):
         self.data, self.stop_batch, self.statistics = data, stop_batch, statistics
         self.num_classes, self.memory_budget_gb, self.progress = num_classes, memory_budget_gb, progress
         self.flops_reduction, self.flops_convention = flops_reduction, flops_convention
@@ -60,11 +65,12 @@ class _StatisticsPruner(Pruner):
             raise ValueError(f"{type(self).__name__} needs data (a DataLoader or an NNI evaluator) "
                              "or precomputed statistics")
         self.dummy_input = self._dummy(dummy_input, data)
-        self.graph = trace(model, self.dummy_input)
+        self.graph = trace(model, self.dummy_input, leaf_modules)
         self.units = prunable_units(self.graph, scope)
-        self.groups = resolve_config_list(model, config_list, self.units)
+        self.groups = resolve_config_list(model, config_list, self.units, pinned_ops(self.graph))
         self._check_targets()
         self._convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        _register_subclasses(self._convs.values())
         nni_config = [{"op_names": self._convs_of(g.names) + follower_convs({n: self.units[n] for n in g.names}),
                        "sparse_ratio": g.sparse_ratio or 0.0} for g in self.groups]
         super().__init__(model, nni_config, data if isinstance(data, Evaluator) else None, existed_wrappers)
@@ -144,6 +150,16 @@ class _StatisticsPruner(Pruner):
     def compress(self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None):
         """Gather statistics (unless given), score, select; returns ``(model, masks)`` as NNI does."""
         return super().compress(max_steps, max_epochs)
+
+
+def _register_subclasses(modules) -> None:
+    """Give NNI's pruning settings (looked up by class name) each conv subclass the settings of its base."""
+    from nni.compression.base.setting import PruningSetting
+
+    for mod in modules:
+        name, base = type(mod).__name__, torch_base(mod).__name__
+        if name not in PruningSetting.registry and base in PruningSetting.registry:
+            PruningSetting.register(name, PruningSetting.registry[base])
 
 
 class CDPPruner(_StatisticsPruner):

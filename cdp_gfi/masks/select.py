@@ -54,22 +54,25 @@ def _caps(scores: Scores, max_layer_sparsity: Optional[float]) -> Dict[str, int]
 
 def select_by_count(scores: Scores, n_remove: int, tiebreak: Optional[Scores] = None,
                     max_layer_sparsity: Optional[float] = None,
-                    order: Optional[List[Tuple[str, int]]] = None) -> Keep:
-    """Remove exactly ``n_remove`` filters, lowest first in one global ranking (CDP).
+                    order: Optional[List[Tuple[str, int]]] = None, refill: bool = True) -> Keep:
+    """Remove the ``n_remove`` lowest filters of one global ranking (``removal_order``: ties by key, then place).
 
-    With a per-layer cap, a capped layer's filters are skipped and the next
-    lowest elsewhere go instead. Without one, emptying a layer is an error.
+    With a per-layer cap and ``refill`` (CDP's global rule), a capped layer's
+    filters are skipped and the next lowest elsewhere go instead; without
+    ``refill`` (the adaptive rule) they simply stay. Without a cap, emptying a
+    layer is an error.
     """
     keep = {n: torch.ones(s.numel(), dtype=torch.bool) for n, s in scores.items()}
     caps, lost, removed = _caps(scores, max_layer_sparsity), dict.fromkeys(scores, 0), 0
-    for name, i in order or removal_order(scores, tiebreak):
+    order = order or removal_order(scores, tiebreak)
+    for name, i in order if refill else order[:n_remove]:
         if removed >= n_remove:
             break
         if lost[name] < caps[name]:
             keep[name][i] = False
             lost[name] += 1
             removed += 1
-    if removed < n_remove:
+    if refill and removed < n_remove:
         raise LayerEmptiedError(f"cannot remove {n_remove} filters within the per-layer cap "
                                 f"{max_layer_sparsity}; at most {removed} can go")
     _check_not_empty(keep)
@@ -77,15 +80,15 @@ def select_by_count(scores: Scores, n_remove: int, tiebreak: Optional[Scores] = 
 
 
 def select_by_threshold(scores: Scores, fraction: float, max_layer_sparsity: Optional[float] = None) -> Keep:
-    """GFI-AP's adaptive global threshold: prune every filter scoring <= sorted[floor(p x total)].
+    """GFI-AP's published threshold: prune every filter scoring <= sorted[floor(p x total)].
 
     Each layer then loses at most floor(g x n) filters, g = (1 + p) / 2 unless
-    ``max_layer_sparsity`` says otherwise (the lowest-scored ones go).
+    ``max_layer_sparsity`` says otherwise (the lowest-scored ones go). Tied
+    scores at the threshold all go, so the fraction removed can jump past p.
     """
     everything = torch.cat([s.flatten().float() for s in scores.values()])
     threshold = everything.sort().values[math.floor(fraction * everything.numel())]
-    cap = (1.0 + fraction) / 2.0 if max_layer_sparsity is None else max_layer_sparsity
-    caps = _caps(scores, cap)
+    caps = _caps(scores, adaptive_cap(fraction, max_layer_sparsity))
     keep = {}
     for name, s in scores.items():
         below = torch.nonzero(s <= threshold).flatten()
@@ -96,6 +99,11 @@ def select_by_threshold(scores: Scores, fraction: float, max_layer_sparsity: Opt
     return keep
 
 
+def adaptive_cap(fraction: float, max_layer_sparsity: Optional[float]) -> float:
+    """GFI-AP's per-layer cap for pruning fraction p: (1 + p) / 2, unless a cap is given."""
+    return (1.0 + fraction) / 2.0 if max_layer_sparsity is None else max_layer_sparsity
+
+
 def _check_not_empty(keep: Keep) -> None:
     empty = [n for n, k in keep.items() if not k.any()]
     if empty:
@@ -104,25 +112,72 @@ def _check_not_empty(keep: Keep) -> None:
             "(max_layer_sparsity / NNI's max_sparse_ratio)")
 
 
-RULES = ("global", "adaptive")
+RULES = ("global", "adaptive", "threshold")
 
 
 def default_rule(method: str) -> str:
-    """Each paper's own selection: CDP one global ranking, GFI-AP the adaptive threshold with its cap."""
-    return "adaptive" if method == "gfi" else "global"
+    """Each paper's own selection: CDP one global ranking, GFI-AP its threshold with its cap."""
+    return "threshold" if method == "gfi" else "global"
 
 
 def selector(rule: str, scores: Scores, tiebreak: Optional[Scores] = None,
              max_layer_sparsity: Optional[float] = None) -> Callable[[float], Keep]:
-    """A function from pruning fraction p (of prunable filters) to a selection: ``global`` removes exactly
-    p of them in one ranking; ``adaptive`` is GFI-AP's threshold with the per-layer cap (1 + p) / 2."""
+    """A function from pruning fraction p (of prunable filters) to a selection.
+
+    ``global`` removes exactly p of them in one ranking, a capped layer's
+    share going elsewhere; ``adaptive`` removes the same lowest p, then GFI-AP's
+    per-layer cap (1 + p) / 2 keeps what a layer may not lose; ``threshold`` is
+    the paper's GFI-AP: every filter at or below the score at p (all ties),
+    then the cap. Ties in ``global`` and ``adaptive`` follow ``removal_order``.
+    """
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {RULES}")
     total = sum(s.numel() for s in scores.values())
-    if rule == "adaptive":
+    if rule == "threshold":
         return lambda p: select_by_threshold(scores, p, max_layer_sparsity)
     order = removal_order(scores, tiebreak)
+    if rule == "adaptive":
+        return lambda p: select_by_count(scores, round(p * total), tiebreak,
+                                         adaptive_cap(p, max_layer_sparsity), order, refill=False)
     return lambda p: select_by_count(scores, round(p * total), tiebreak, max_layer_sparsity, order)
+
+
+def select_for_target(select: Callable[[float], Keep], measure: Callable[[Keep], float], target: float,
+                      what: str, tolerance: float = 0.005) -> Tuple[Keep, float, float]:
+    """Bisect the pruning fraction until ``measure`` (a reduction in [0, 1]) meets ``target`` within ``tolerance``.
+
+    Returns (selection, fraction, achieved). When no fraction gets there, the
+    error names the nearest reachable reductions below and above the target.
+    """
+    below = above = None  # (keep, fraction, reduction) nearest the target from each side
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        try:
+            keep = select(mid)
+        except LayerEmptiedError:
+            hi = mid
+            continue
+        red = measure(keep)
+        if red > target:
+            hi = mid
+            if above is None or red < above[2]:
+                above = (keep, mid, red)
+        else:
+            lo = mid
+            if below is None or red > below[2]:
+                below = (keep, mid, red)
+        best = min((c for c in (below, above) if c is not None), key=lambda c: abs(c[2] - target))
+        if abs(best[2] - target) < tolerance / 10:
+            break
+    candidates = [c for c in (below, above) if c is not None]
+    best = min(candidates, key=lambda c: abs(c[2] - target)) if candidates else None
+    if best is None or abs(best[2] - target) > tolerance:
+        reach = [f"{c[2]:.2%} {side}" for c, side in ((below, "below it"), (above, "above it")) if c is not None]
+        raise ValueError(f"cannot remove {target:.2%} of {what} by pruning these layers (reachable nearest: "
+                         f"{' and '.join(reach) or 'nothing'}); widen the scope, raise the per-layer cap "
+                         "(--max_layer_sparsity) or change the target")
+    return best
 
 
 def select_for_flops(select: Callable[[float], Keep], graph: ModelGraph, target: float,
@@ -135,32 +190,14 @@ def select_for_flops(select: Callable[[float], Keep], graph: ModelGraph, target:
     """
     fixed = fixed or {}
     dense = macs_of(graph, {}, convention)
+    return select_for_target(select, lambda keep: 1.0 - macs_of(graph, {**fixed, **keep}, convention) / dense,
+                             target, "MACs", tolerance)
 
-    def reduction(p):
-        try:
-            keep = select(p)
-        except LayerEmptiedError:
-            return None, None
-        return keep, 1.0 - macs_of(graph, {**fixed, **keep}, convention) / dense
 
-    lo, hi, best = 0.0, 1.0, None
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        keep, red = reduction(mid)
-        if red is None or red > target:
-            hi = mid
-        else:
-            lo = mid
-        if red is not None and (best is None or abs(red - target) < abs(best[2] - target)):
-            best = (keep, mid, red)
-        if best is not None and abs(best[2] - target) < tolerance / 10:
-            break
-    if best is None or abs(best[2] - target) > tolerance:
-        reached = "nothing" if best is None else f"{best[2]:.2%}"
-        raise ValueError(f"cannot remove {target:.2%} of MACs by pruning these layers "
-                         f"(closest reachable: {reached}); widen the scope, raise the per-layer cap "
-                         "(--max_layer_sparsity) or lower the target")
-    return best
+def filters_removed(keep: Keep, layers) -> float:
+    """Fraction of the filters of ``layers`` that ``keep`` removes."""
+    total = sum(keep[n].numel() for n in layers)
+    return sum(int((~keep[n]).sum()) for n in layers) / max(total, 1)
 
 
 def to_nni_masks(model: Union[nn.Module, Mapping[str, nn.Module]], keep: Keep
@@ -315,7 +352,11 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
 
     if sparsity is not None:
         p = check_fraction(sparsity, "sparsity")
-        return pick(p), p
+        ranked = list(scores)
+        whole = max(sum(sizes[n] for n in ranked), 1)
+        keep, used, _ = select_for_target(pick, lambda keep: filters_removed(keep, ranked), p,
+                                          "the ranked filters", max(0.005, 1.0 / whole))
+        return keep, used
     target = check_fraction(flops_reduction, "flops_reduction")
     if graph is None:
         raise ValueError("a flops_reduction target needs the model graph")

@@ -8,11 +8,12 @@ things around it, each a named option (docs/algorithms.md has the numbers):
 - ``normalize``: how each layer's scores are rescaled before the one global
   ranking (``ranking.NORMALIZATIONS``; published ``none``);
 - ``cost_power``: how much a filter's MACs count against it (published 0);
-- ``rule``: the selection (``masks.RULES``): CDP's one global ranking or
-  GFI-AP's adaptive threshold with its per-layer cap;
+- ``rule``: the selection (``masks.RULES``): CDP's one global ranking,
+  GFI-AP's per-layer cap on the same exact ranking (``adaptive``), or the
+  paper's GFI-AP threshold, every tie at it included (``threshold``);
 - ``cdp_mode``: CDP's documents, classes (the paper) or images (its code);
 - ``max_layer_sparsity``: the most of its filters one layer may lose (None:
-  no cap for the global rule, GFI-AP's (1 + p) / 2 for the adaptive one).
+  no cap for the global rule, GFI-AP's (1 + p) / 2 for the other two).
 
 ``published=True`` selects the papers' definitions; options given explicitly
 override either preset.
@@ -49,7 +50,7 @@ class Variant:
         return f"{name}[{docs}{self.site},{self.normalize},cost{self.cost_power:g},{self.rule}{cap}]"
 
 
-PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant(rule="adaptive")}
+PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant(rule="threshold")}
 DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 1.0, "adaptive", "sample", 0.6),
                                 "gfi": Variant("input", "mean", 0.5, "adaptive")}
 

@@ -1,7 +1,8 @@
 """Model zoo for the pruning experiments: CIFAR ResNets/VGGs/MobileNetV2 for 32x32 data, torchvision CNNs for ImageNet.
 
 The dataset picks the architecture family: every 32x32 dataset gets the CIFAR
-layouts, `imagenet` gets torchvision's (so its checkpoints load strictly).
+layouts, `imagenet` gets torchvision's (so its checkpoints load strictly), or
+any timm model as ``timm:NAME`` when timm is installed (it is not a dependency).
 """
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ MODEL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(CIFAR_MODELS + IMAGENET_MODEL
 _GOOGLE_NETS = {"googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True}}
 
+TIMM_PREFIX = "timm:"
+
 __all__ = [
     "BasicBlock", "CifarResNet", "CifarVGG", "PadShortcut", "CIFAR_MODELS", "DATASETS",
-    "IMAGENET_MODELS", "MODEL_NAMES", "build_model", "input_size_for", "models_for",
-    "num_classes_for",
+    "IMAGENET_MODELS", "MODEL_NAMES", "TIMM_PREFIX", "build_model", "check_model_name", "input_size_for",
+    "models_for", "num_classes_for",
 ]
 
 
@@ -64,16 +67,41 @@ def models_for(dataset: str) -> tuple[str, ...]:
     return CIFAR_MODELS if input_size_for(dataset)[1] == 32 else IMAGENET_MODELS
 
 
-def build_model(name: str, dataset: str, num_classes: Optional[int] = None) -> nn.Module:
-    """Build an untrained model `name` for `dataset`; `num_classes` overrides the dataset's class count."""
+def check_model_name(name: str, dataset: str) -> str:
+    """``name`` if ``build_model`` can build it for ``dataset``, else a ValueError that says what can."""
+    if name.startswith(TIMM_PREFIX) and input_size_for(dataset)[1] != 32:
+        _timm_factory(name)
+        return name
     valid = models_for(dataset)
     if name not in valid:
-        raise ValueError(f"unknown model {name!r} for dataset {dataset!r}; expected one of {list(valid)}")
+        timm = f", or {TIMM_PREFIX}NAME for a timm model" if valid is IMAGENET_MODELS else ""
+        raise ValueError(f"unknown model {name!r} for dataset {dataset!r}; expected one of {list(valid)}{timm}")
+    return name
+
+
+def _timm_factory(name: str):
+    """timm's ``create_model`` for ``timm:NAME``, refused clearly when timm or the name is missing."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError(f"--model {name} needs the timm package (pip install timm); cdp_gfi does not depend "
+                         "on it") from exc
+    arch = name[len(TIMM_PREFIX):]
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r} (timm {timm.__version__}; see timm.list_models())")
+    return lambda num_classes: timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+def build_model(name: str, dataset: str, num_classes: Optional[int] = None) -> nn.Module:
+    """Build an untrained model `name` for `dataset`; `num_classes` overrides the dataset's class count."""
+    check_model_name(name, dataset)
     if num_classes is None:
         num_classes = num_classes_for(dataset)
     elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if valid is IMAGENET_MODELS:
+    if name.startswith(TIMM_PREFIX):
+        return _timm_factory(name)(num_classes)
+    if models_for(dataset) is IMAGENET_MODELS:
         plain_vgg = name.startswith("vgg") and not name.endswith("_bn")
         factory = getattr(torchvision.models, f"{name}_bn" if plain_vgg else name)
         return factory(weights=None, num_classes=num_classes, **_GOOGLE_NETS.get(name, {}))

@@ -18,13 +18,13 @@ from ..data.datasets import Splits, cifar_datasets, digits_datasets
 from ..data.samplers import EpochTaggedSampler, SeededAugmentation, make_loader, sample_loader
 from ..files.checkpoint import atomic_open, ensure_writable_dir, load_state_dict_strict, save_atomic
 from ..files.pretrained import load_pretrained
-from ..flops import keep_vectors
+from ..flops import keep_vectors, macs_of
 from ..graph.groups import Unit
 from ..graph.scope import prunable_units, unit_convs
 from ..graph.sites import read_points
 from ..graph.trace import ModelGraph, trace
 from ..masks.masked import MaskEnforcer, Masks
-from ..masks.select import select, to_nni_masks
+from ..masks.select import filters_removed, select, to_nni_masks
 from ..models import input_size_for, num_classes_for
 from ..scores.importance import scores_from_statistics, statistics_kinds
 from ..slimming.slim_files import slim_recipe
@@ -165,6 +165,10 @@ def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph
                      flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
                      units=units, round_to=config.round_to, normalization=config.normalize,
                      cost_power=config.cost_power, rule=config.rule, max_layer_sparsity=config.max_layer_sparsity)
+    layers = unit_convs(units)
+    macs = 1 - macs_of(graph, keep, config.flops_convention) / macs_of(graph, {}, config.flops_convention)
+    print(f"selection: {filters_removed(keep, layers):.1%} of the {sum(keep[n].numel() for n in layers)} ranked "
+          f"filters and {macs:.1%} of MACs ({config.flops_convention}) removed", flush=True)
     return to_nni_masks(model, keep)
 
 

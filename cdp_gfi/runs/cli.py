@@ -9,6 +9,7 @@ from ..distributed import DEFAULT_TIMEOUT_S, RankError, cleanup, is_distributed,
 from ..files.checkpoint import CheckpointError
 from ..graph.sites import SITES
 from ..masks.select import RULES
+from ..models import IMAGENET_MODELS, check_model_name
 from ..scores.ranking import NORMALIZATIONS
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
@@ -49,9 +50,10 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cost_power", type=float, metavar="P",
       help="divide scores by (MACs of one filter / mean)^P: expensive filters must earn their place (papers: 0)")
     a("--max_layer_sparsity", type=float, metavar="F",
-      help="most of its filters one layer may lose (default: 0.6 for CDP; GFI-AP's (1+p)/2 for the adaptive rule)")
-    a("--rule", choices=RULES, help="selection: global (one ranking, CDP's) or adaptive (GFI-AP's threshold with "
-                                    "its per-layer cap (1+p)/2; our default for both)")
+      help="most of its filters one layer may lose (default: 0.6 for CDP; GFI-AP's (1+p)/2 for the adaptive and threshold rules)")
+    a("--rule", choices=RULES, help="selection: global (one ranking, CDP's), adaptive (the same ranking with "
+                                    "GFI-AP's per-layer cap (1+p)/2; our default for both) or threshold (the GFI-AP "
+                                    "paper's: every filter at or below its threshold, ties included)")
 
 
 def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:
@@ -99,3 +101,12 @@ def exit_status(work: Callable[[], object]) -> int:
         return 1
     cleanup()
     return 0
+
+
+def imagenet_model(name: str) -> str:
+    """argparse type of ``--model`` in the ImageNet stages: a torchvision CNN name or ``timm:NAME``."""
+    try:
+        return check_model_name(name, "imagenet")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace(f"{list(IMAGENET_MODELS)}", "torchvision.models' "
+                                                          "classification CNNs")) from err

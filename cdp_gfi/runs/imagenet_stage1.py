@@ -45,7 +45,7 @@ from ..graph.trace import ModelGraph, trace
 from ..masks.masked import Masks
 from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
-from ..models import IMAGENET_MODELS, build_model
+from ..models import build_model, check_model_name
 from ..scores.importance import statistics_kinds
 from ..slimming.slim_files import SLIM_DUMMY_SIZE, save_slim_checkpoint
 from ..slimming.speedup import slim
@@ -148,8 +148,7 @@ def _check_int(config: Stage1Config, name: str, minimum: int) -> None:
 
 def check(config: Stage1Config) -> List[Target]:
     """Refuse bad settings (choices, ranges, flag combinations); returns the targets."""
-    if config.model not in IMAGENET_MODELS:
-        raise ValueError(f"--model {config.model!r} is not one of {list(IMAGENET_MODELS)}")
+    check_model_name(config.model, "imagenet")
     statistics_kinds(config.method, config.cdp_mode)
     targets = targets_of(config)
     if config.flops_convention not in CONVENTIONS:

@@ -50,12 +50,12 @@ from ..flops import count_flops, human
 from ..graph.trace import trace
 from ..masks.masked import MaskEnforcer, Masks
 from ..masks.select import apply_masks
-from ..models import IMAGENET_MODELS, build_model
+from ..models import build_model
 from ..slimming.slim_files import SLIM_DUMMY_SIZE, rebuild_slim, save_slim_checkpoint
 from ..slimming.speedup import slim
 from ..train.loop import evaluate, fit, seed_everything
 from ..train.optim import build_optimizer, build_scheduler
-from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, exit_status
+from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, exit_status, imagenet_model
 from .report import write_summary
 
 logger = logging.getLogger(__name__)
@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage 2: fine-tune a pruned ImageNet network (torchrun for several GPUs/processes).",
         epilog="--batch-size is per process. --start-epoch is accepted for compatibility only: a resumed "
                "checkpoint's epoch always wins, and without one training starts at epoch 0.")
-    p.add_argument("--model", choices=IMAGENET_MODELS, default=None, metavar="NAME",
-                   help="torchvision CNN name (default: the one in the --resume checkpoint)")
+    p.add_argument("--model", type=imagenet_model, default=None, metavar="NAME",
+                   help="torchvision CNN name or timm:NAME (default: the one in the --resume checkpoint)")
     p.add_argument("--dataroot", required=True, help="folder with train/ and val/ class folders")
     p.add_argument("--resume", default=None, help="masks (with --make-mask), slim or retrain checkpoint")
     p.add_argument("--make-mask", action="store_true",

@@ -10,16 +10,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Sequence
 from unittest import mock
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from ..flops import keep_vectors
 from ..graph.channels import live_channels
-from ..graph.trace import ModelGraph, channel_padding, trace
+from ..graph.leaves import LAYER_TYPES, LeafSpec, adopt_, torch_base
+from ..graph.trace import ModelGraph, channel_padding, fx_trace, trace
 from ..masks.select import with_batchnorm_masks
 
 _QUIET = logging.getLogger("cdp_gfi.slim.nni")
@@ -43,6 +43,30 @@ def _silenced() -> Iterator[None]:
 def _no_stats(mask: Dict[str, torch.Tensor]) -> str:
     """Stands in for NNI's ``sparsity_stats``, whose only use is the text of a muted log line."""
     return ""
+
+
+def _subclass_replacer():
+    """An NNI replacer for layer subclasses (``Conv2dSame``, ``BatchNormAct2d``, ...): NNI's replacement
+    of the torch base class computes the smaller tensors, which the original module then adopts, so
+    its own forward (padding, activation, ...) stays. NNI matches replacements by class name alone."""
+    from nni.compression.speedup.replacement import replace_module
+    from nni.compression.speedup.replacer import Replacer
+    from torch.utils._pytree import tree_map
+
+    class SubclassReplacer(Replacer):
+        def replace_modules(self, speedup) -> None:
+            for node, info in speedup.node_infos.items():
+                if node.op != "call_module" or info.replaced:
+                    continue
+                module = speedup.bound_model.get_submodule(node.target)
+                base = torch_base(module).__name__ if isinstance(module, LAYER_TYPES) else None
+                if base is None or type(module).__name__ in replace_module or base not in replace_module:
+                    continue
+                in_masks = tree_map(lambda n: speedup.node_infos[n].output_masks, node.args)
+                adopt_(module, replace_module[base](module, (in_masks, info.output_masks, info.param_masks)))
+                info.replaced = True
+
+    return SubclassReplacer()
 
 
 class ChannelRestore(nn.Module):
@@ -89,11 +113,13 @@ def _padding_owners(graph: ModelGraph, masks) -> Dict[str, tuple]:
 
 
 def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], dummy_input: torch.Tensor,
-         graph: Optional[ModelGraph] = None, batch_size: int = 8) -> nn.Module:
+         graph: Optional[ModelGraph] = None, batch_size: int = 8, leaf_modules: Sequence[LeafSpec] = ()
+         ) -> nn.Module:
     """Remove masked filters (and their BN channels and the next layer's inputs) in place.
 
     ``model`` must be unwrapped (after a pruner's ``unwrap_model()``) and
-    traceable by torch.fx. Returns the same, now smaller, module. In eval mode
+    traceable by torch.fx (``leaf_modules``: as for ``graph.trace``; a given
+    ``graph`` brings its own). Returns the same, now smaller, module. In eval mode
     its outputs equal those of the masked network (``masks.apply_masks``).
     Only the dummy's shape matters: NNI feeds ``batch_size`` random images
     and treats channels whose outputs do not vary across them as constant, so
@@ -104,20 +130,20 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
 
     if any("_nni_wrapper" in n for n, _ in model.named_modules()):
         raise ValueError("the model is still wrapped by an NNI pruner: call pruner.unwrap_model() first")
-    graph = graph or trace(model, dummy_input)
+    graph = graph or trace(model, dummy_input, leaf_modules)
     # Copies: ModelSpeedup writes into the mask tensors it is given (scope "all" turned kept-filter rows to ones).
     full_masks = {name: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
                   for name, entry in with_batchnorm_masks(graph, masks).items()}
     padding = _padding_owners(graph, masks)
     was_training = model.training
-    gm = fx.symbolic_trace(model)
+    gm = fx_trace(model, graph.leaf_modules)
     # NNI restores the graph module's own train flag onto every submodule midway; a fresh
     # GraphModule says "train", and BatchNorm running stats would drift on the random batches.
     gm.eval()
     try:
         with _silenced(), torch.enable_grad():  # NNI propagates sparsity through gradients
-            ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=batch_size,
-                         graph_module=gm, logger=_QUIET).speedup_model()
+            ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=batch_size, graph_module=gm,
+                         customized_replacers=[_subclass_replacer()], logger=_QUIET).speedup_model()
     finally:
         model.train(was_training)  # NNI's replacement modules are new, hence in train mode
     for path, (in_keep, out_keep) in padding.items():

@@ -41,12 +41,34 @@ def _split_batch(batch):
                           "the loader must yield tensors or (inputs, labels) pairs")
 
 
-def infer_num_classes(model: nn.Module) -> int:
-    """Output width of the model's last Linear layer: its number of classes."""
+def infer_num_classes(model: nn.Module, dummy_input: Optional[torch.Tensor] = None) -> int:
+    """The model's number of classes: its last Linear layer's width, else its output's width on ``dummy_input``.
+
+    (A head of 1x1 convs and pooling, as in DLA, has no Linear layer.)
+    """
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise StatisticsError("cannot infer the number of classes (no Linear layer); pass num_classes")
-    return linears[-1].out_features
+    if linears:
+        return linears[-1].out_features
+    if dummy_input is not None:
+        param = next(model.parameters(), None)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(dummy_input[:1].to(param.device if param is not None else "cpu"))
+        finally:
+            model.train(was_training)
+        if torch.is_tensor(out) and out.dim() == 2:
+            return int(out.shape[1])
+    raise StatisticsError("cannot infer the number of classes (no Linear layer, and no [N, classes] output on the "
+                          "dummy input); pass num_classes")
+
+
+def _first_input(data) -> Optional[torch.Tensor]:
+    """The inputs of a loader's first batch (None for an NNI evaluator: it has its own dummy input)."""
+    if _is_evaluator(data):
+        return None
+    return _split_batch(next(iter(data)))[0]
 
 
 def plan_gfi_passes(shapes: Dict[str, Sequence[int]], num_classes: int,
@@ -108,7 +130,7 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
     if not_conv or not layers:
         raise StatisticsError(f"layers must name Conv2d modules of the model; bad: {not_conv or 'none given'}")
     device = device or next(model.parameters()).device
-    k = num_classes or infer_num_classes(model)
+    k = num_classes or infer_num_classes(model, dummy_input if dummy_input is not None else _first_input(data))
     needs_labels = bool(set(kinds) & {"cdp_class", "gfi"})
     ordered = is_class_ordered(data) if class_ordered is None else class_ordered
 
