@@ -208,7 +208,7 @@ def test_the_sparsity_asked_is_the_sparsity_removed(rule):
 
 def test_a_cap_that_blocks_the_sparsity_says_how_far_it_got():
     scores = {"a": torch.rand(10), "b": torch.rand(10)}
-    with pytest.raises(ValueError, match=r"cannot remove 80.00% of the ranked filters .*nearest: 60.00% below it"):
+    with pytest.raises(ValueError, match=r"cannot remove 80.00% of the ranked filters .*closest reachable: 60.00% below it"):
         select("cdp", scores, sparsity=0.8, rule="adaptive", max_layer_sparsity=0.6)
 
 

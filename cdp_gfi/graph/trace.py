@@ -139,7 +139,7 @@ def _culprit(model: nn.Module, exc: BaseException) -> str:
     line = linecache.getline(code.co_filename, frame.tb_lineno).strip()
     owner = frame.tb_frame.f_locals.get("self")
     names = {id(m): n for n, m in model.named_modules()}
-    where = (f"module {names[id(owner)] or '<top level>'!r} ({type(owner).__name__}), "
+    where = (f"module '{names[id(owner)] or '<top level>'} ({type(owner).__name__})', "
              if isinstance(owner, nn.Module) and id(owner) in names else "")
     return f"{where}{os.path.basename(code.co_filename)}:{frame.tb_lineno} `{line}`"
 

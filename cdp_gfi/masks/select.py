@@ -174,8 +174,8 @@ def select_for_target(select: Callable[[float], Keep], measure: Callable[[Keep],
     best = min(candidates, key=lambda c: abs(c[2] - target)) if candidates else None
     if best is None or abs(best[2] - target) > tolerance:
         reach = [f"{c[2]:.2%} {side}" for c, side in ((below, "below it"), (above, "above it")) if c is not None]
-        raise ValueError(f"cannot remove {target:.2%} of {what} by pruning these layers (reachable nearest: "
-                         f"{' and '.join(reach) or 'nothing'}); widen the scope, raise the per-layer cap "
+        raise ValueError(f"cannot remove {target:.2%} of {what} by pruning these layers (closest reachable: "
+                         f"{', '.join(reach) or 'nothing'}); widen the scope, raise the per-layer cap "
                          "(--max_layer_sparsity) or change the target")
     return best
 
@@ -192,6 +192,12 @@ def select_for_flops(select: Callable[[float], Keep], graph: ModelGraph, target:
     dense = macs_of(graph, {}, convention)
     return select_for_target(select, lambda keep: 1.0 - macs_of(graph, {**fixed, **keep}, convention) / dense,
                              target, "MACs", tolerance)
+
+
+def groups_removed(keep: Keep, units: Dict[str, Unit]) -> float:
+    """Fraction of the units' channel groups (coupled filters, or single filters) that ``keep`` removes."""
+    groups = [g for u in units.values() for g in u.groups]
+    return sum(all(not keep[c][k] for c, k in g) for g in groups) / max(len(groups), 1)
 
 
 def filters_removed(keep: Keep, layers) -> float:
@@ -352,9 +358,8 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
 
     if sparsity is not None:
         p = check_fraction(sparsity, "sparsity")
-        ranked = list(scores)
-        whole = max(sum(sizes[n] for n in ranked), 1)
-        keep, used, _ = select_for_target(pick, lambda keep: filters_removed(keep, ranked), p,
+        whole = max(sum(len(u.groups) for u in units.values()), 1)
+        keep, used, _ = select_for_target(pick, lambda keep: groups_removed(keep, units), p,
                                           "the ranked filters", max(0.005, 1.0 / whole))
         return keep, used
     target = check_fraction(flops_reduction, "flops_reduction")
