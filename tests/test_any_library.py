@@ -237,3 +237,28 @@ def test_timm_models_prune_and_slim(name):
     model = randomized(timm.create_model(name, pretrained=False, num_classes=10))
     masked, out, *_ = prune_and_slim(model, CDPPruner, size=64, flops_reduction=0.3)
     assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+
+
+def test_a_ghost_module_trimming_its_concatenation_prunes_exactly():
+    class Ghost(nn.Module):
+        """GhostNet's module: a primary conv, a cheap depthwise conv on it, both concatenated and trimmed."""
+
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.out = cout
+            self.primary = nn.Sequential(nn.Conv2d(cin, cout // 2, 1, bias=False), nn.BatchNorm2d(cout // 2),
+                                         nn.ReLU())
+            self.cheap = nn.Sequential(nn.Conv2d(cout // 2, cout // 2, 3, padding=1, groups=cout // 2, bias=False),
+                                       nn.BatchNorm2d(cout // 2), nn.ReLU())
+
+        def forward(self, x):
+            a = self.primary(x)
+            return torch.cat([a, self.cheap(a)], 1)[:, :self.out, :, :]
+
+    model = randomized(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Ghost(16, 32), nn.Conv2d(32, 16, 3),
+                                     nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(16, 10)))
+    masked, out, pruner, counted = prune_and_slim(model, CDPPruner)
+    assert "1.primary.0" in pruner.layers
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+    assert count_flops(model, (3, 32, 32))[0] == counted

@@ -191,12 +191,22 @@ def channel_padding(node: fx.Node) -> Optional[Tuple[int, int]]:
 
 
 def is_spatial_slice(node: fx.Node) -> bool:
-    """``x[:, :, ...]``: indexing that keeps every channel in place."""
+    """``x[:, :, ...]``: indexing that keeps every channel in place.
+
+    ``x[:, :n]`` with n at least the channel count counts too (GhostNet trims
+    its concatenation so): it keeps every channel, slimmed or not.
+    """
     if node.op != "call_function" or node.target is not operator.getitem:
         return False
     idx = node.args[1]
-    return (isinstance(idx, tuple) and len(idx) >= 2 and all(isinstance(i, slice) for i in idx)
-            and idx[1] == slice(None) and idx[0] == slice(None))
+    if not (isinstance(idx, tuple) and len(idx) >= 2 and all(isinstance(i, slice) for i in idx)
+            and idx[0] == slice(None)):
+        return False
+    chans = idx[1]
+    shape = getattr(node.args[0].meta.get("tensor_meta"), "shape", None) if isinstance(node.args[0], fx.Node) else None
+    whole = (chans.start in (None, 0) and chans.step in (None, 1) and isinstance(chans.stop, int)
+             and shape is not None and len(shape) >= 2 and chans.stop >= shape[1])
+    return chans == slice(None) or whole
 
 
 Route = List[Optional[Tuple[int, int]]]
