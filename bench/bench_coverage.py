@@ -28,12 +28,14 @@ timm models are named ``timm:NAME`` (timm is a bench extra, not a dependency).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import multiprocessing
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import pandas as pd
 import torch
@@ -173,6 +175,21 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
     return row
 
 
+def run_job(job: Tuple[str, str, int, float, int]) -> Dict:
+    """One row: ``scope`` is a scope of ours, ``api-cdp`` / ``api-gfi`` or ``torch-pruning``; failures are rows."""
+    name, scope, size, target, threads = job
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*(deprecated|pytree).*")
+    try:
+        if scope == "torch-pruning":
+            return torch_pruning(name, size, target)
+        if scope.startswith("api-"):
+            return api(name, scope[4:], size, target)
+        return ours(name, scope, size, target)
+    except Exception as err:
+        return dict(model=name, tool=f"cdp_gfi {scope}", note=f"{type(err).__name__}: {str(err)[:120]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--library", default="torchvision,timm", help="comma-separated: torchvision, timm")
@@ -182,7 +199,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.3, help="fraction of MACs to remove")
     parser.add_argument("--scopes", default=",".join(SCOPES), help="comma-separated; empty: Torch-Pruning only")
     parser.add_argument("--no-competitor", action="store_true", help="skip Torch-Pruning")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
+    parser.add_argument("--jobs", type=int, default=1, help="processes, one model row each at a time (2 on 2 idle "
+                                                            "cores: one thread each never waits on the other)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,22 +210,18 @@ def main() -> None:
     jobs = [(m, s) for m in models for s in args.scopes.split(",") if s]
     jobs += [(m, f"api-{method}") for m in models for method in ("cdp", "gfi")] if args.api else []
     jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in models]
-    for name, scope in tqdm(jobs, desc="coverage"):
-        try:
-            if scope == "torch-pruning":
-                rows.append(torch_pruning(name, args.size, args.target))
-            elif scope.startswith("api-"):
-                rows.append(api(name, scope[4:], args.size, args.target))
-            else:
-                rows.append(ours(name, scope, args.size, args.target))
-        except Exception as err:
-            rows.append(dict(model=name, tool=f"cdp_gfi {scope}", note=f"{type(err).__name__}: {str(err)[:120]}"))
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+    work = [(name, scope, args.size, args.target, args.threads) for name, scope in jobs]
+    with multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(run_job, work) if pool else map(run_job, work)
+        for row in tqdm(results, total=len(work), desc="coverage"):
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(args.out, index=False)
     table = pd.DataFrame(rows)
     table.to_csv(args.out, index=False)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 40):
         print(table.to_string(index=False))
-    print(f"total {time.perf_counter() - started:.0f} s at {args.size}x{args.size}, {torch.get_num_threads()} threads")
+    print(f"total {time.perf_counter() - started:.0f} s at {args.size}x{args.size}, {args.jobs} process(es) of "
+          f"{args.threads} thread(s)")
 
 
 if __name__ == "__main__":
