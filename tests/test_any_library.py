@@ -13,6 +13,7 @@ from cdp_gfi.graph.scope import prunable_units, unit_convs
 from cdp_gfi.graph.trace import TraceError, trace
 from cdp_gfi.masks.select import select_by_threshold
 from cdp_gfi.models import build_model
+from nets import randomized_bn
 
 torch.manual_seed(0)
 
@@ -68,16 +69,6 @@ class Net(nn.Module):
         return self.fc(feats)
 
 
-def randomized(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-    return model.eval()
-
-
 def loader(size=32, n=40):
     return DataLoader(TensorDataset(torch.randn(n, 3, size, size), torch.arange(n) % 10), batch_size=20)
 
@@ -99,7 +90,7 @@ def prune_and_slim(model, pruner_cls, size=32, **kwargs):
 
 @pytest.mark.parametrize("pruner_cls", [CDPPruner, GFIPruner])
 def test_padding_conv_and_fused_bn_subclasses_prune_and_slim_exactly(pruner_cls):
-    model = randomized(Net())
+    model = randomized_bn(Net())
     masked, out, pruner, counted = prune_and_slim(model, pruner_cls)
     assert set(unit_convs(pruner.units)) == {"c1", "c2", "c3"}  # the subclasses are ranked like torch's Conv2d
     assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
@@ -117,7 +108,7 @@ def test_count_flops_of_a_padding_subclass_is_the_hand_count():
 
 
 def test_weight_standardised_convs_are_pinned_and_named():
-    model = randomized(Net(conv=StdConv))
+    model = randomized_bn(Net(conv=StdConv))
     with pytest.warns(UserWarning, match="StdConv .its own forward does not slice"):
         units = prunable_units(trace(model, torch.zeros(1, 3, 32, 32)), "internal")
     assert units == {}
@@ -131,7 +122,7 @@ def test_resnet_whose_forward_takes_return_features_prunes(pruner_cls, scope):
     class FeatResNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = randomized(build_model("resnet20", "cifar10"))
+            self.net = randomized_bn(build_model("resnet20", "cifar10"))
 
         def forward(self, x, return_features=False):
             out = self.net(x)
@@ -171,7 +162,7 @@ def test_leaf_modules_get_past_an_untraceable_block():
 
 def tied_model():
     """A conv net in which a third of the filters are dead (all-zero), so their scores tie at 0."""
-    model = randomized(build_model("resnet20", "cifar10"))
+    model = randomized_bn(build_model("resnet20", "cifar10"))
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and name.endswith("conv1") and "layer" in name:
@@ -223,7 +214,7 @@ def test_a_model_without_a_linear_head_takes_its_classes_from_the_output():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
                           nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten())
-    masked, out, pruner, _ = prune_and_slim(randomized(model), GFIPruner)
+    masked, out, pruner, _ = prune_and_slim(randomized_bn(model), GFIPruner)
     assert pruner.statistics.num_classes == 10
     assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
 
@@ -234,7 +225,7 @@ TIMM_FAST = ("efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "tf_mobi
 @pytest.mark.parametrize("name", TIMM_FAST)
 def test_timm_models_prune_and_slim(name):
     timm = pytest.importorskip("timm")
-    model = randomized(timm.create_model(name, pretrained=False, num_classes=10))
+    model = randomized_bn(timm.create_model(name, pretrained=False, num_classes=10))
     masked, out, *_ = prune_and_slim(model, CDPPruner, size=64, flops_reduction=0.3)
     assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
 
@@ -255,7 +246,7 @@ def test_a_ghost_module_trimming_its_concatenation_prunes_exactly():
             a = self.primary(x)
             return torch.cat([a, self.cheap(a)], 1)[:, :self.out, :, :]
 
-    model = randomized(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Ghost(16, 32), nn.Conv2d(32, 16, 3),
+    model = randomized_bn(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Ghost(16, 32), nn.Conv2d(32, 16, 3),
                                      nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                      nn.Linear(16, 10)))
     masked, out, pruner, counted = prune_and_slim(model, CDPPruner)

@@ -21,6 +21,7 @@ from cdp_gfi.graph.trace import trace
 from cdp_gfi.masks.select import select, to_nni_masks
 from cdp_gfi.models import build_model
 from cdp_gfi.graph.scope import follower_convs, prunable_units, unit_convs
+from nets import randomized_bn
 
 
 def _tiny(name: str) -> nn.Module:
@@ -41,13 +42,7 @@ def _tiny(name: str) -> nn.Module:
                                             num_classes=10)
     else:
         model = torchvision.models.ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 128], num_classes=10)
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):  # a pruned channel's BN shift would show in the outputs
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.1, 0.1)
-    return model.eval()
+    return randomized_bn(model)
 
 
 @pytest.mark.parametrize("name,scope,cls", [("mobilenet_v2", "internal", CDPPruner), ("resnext", "all", GFIPruner),

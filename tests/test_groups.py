@@ -9,16 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cdp_gfi import CDPPruner, GFIPruner, apply_masks, build_model, count_flops, slim
 from cdp_gfi.graph.trace import TraceError, trace
 from cdp_gfi.graph.groups import coupled_units
-
-
-def _randomize_bn(model):
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.1, 0.1)
-    return model.eval()
+from nets import randomized_bn
 
 
 def test_cifar_option_a_stream_is_one_unit_with_shifted_groups():
@@ -42,7 +33,7 @@ def test_torchvision_downsample_joins_its_stream():
                                                    ("resnet20", "cifar10", 32, CDPPruner)])
 def test_scope_all_shrinks_the_residual_stream(name, dataset, size, cls):
     torch.manual_seed(0)
-    model = _randomize_bn(build_model(name, dataset, num_classes=10))
+    model = randomized_bn(build_model(name, dataset, num_classes=10))
     x, y = torch.randn(20, 3, size, size), torch.arange(20) % 10
     pruner = cls(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], DataLoader(TensorDataset(x, y), 10),
                  scope="all", progress=False)
