@@ -253,3 +253,9 @@ def test_a_ghost_module_trimming_its_concatenation_prunes_exactly():
     assert "1.primary.0" in pruner.layers
     assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
     assert count_flops(model, (3, 32, 32))[0] == counted
+
+
+def test_a_pinned_conv_subclass_is_never_ranked_in_either_scope():
+    graph = trace(randomized_bn(Net(conv=StdConv)), torch.zeros(1, 3, 32, 32))
+    with pytest.warns(UserWarning, match="StdConv"):
+        assert prunable_units(graph, "all") == {} and prunable_units(graph, "internal") == {}

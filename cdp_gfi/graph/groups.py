@@ -211,6 +211,8 @@ def _components(graph: ModelGraph, flow: _Flow) -> Dict[Channel, _Group]:
     steps = channel_steps(graph)
     for name, node in graph.conv_nodes().items():
         kind, width = steps[node].kind, graph.modules[name].out_channels
+        if kind == "pin":  # a conv subclass whose forward does not slice (graph.leaves): its filters stay
+            continue
         for k in range(width):
             if kind == "depthwise":
                 c = flow.follows.get((name, k))
