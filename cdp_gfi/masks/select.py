@@ -149,14 +149,14 @@ def select_for_target(select: Callable[[float], Keep], measure: Callable[[Keep],
     Returns (selection, fraction, achieved). When no fraction gets there, the
     error names the nearest reachable reductions below and above the target.
     """
-    below = above = None  # (keep, fraction, reduction) nearest the target from each side
+    below = above = emptied = None  # (keep, fraction, reduction) nearest the target from each side
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         try:
             keep = select(mid)
-        except LayerEmptiedError:
-            hi = mid
+        except LayerEmptiedError as err:
+            hi, emptied = mid, err
             continue
         red = measure(keep)
         if red > target:
@@ -174,6 +174,8 @@ def select_for_target(select: Callable[[float], Keep], measure: Callable[[Keep],
     best = min(candidates, key=lambda c: abs(c[2] - target)) if candidates else None
     if best is None or abs(best[2] - target) > tolerance:
         reach = [f"{c[2]:.2%} {side}" for c, side in ((below, "below it"), (above, "above it")) if c is not None]
+        if emptied is not None and above is None:  # what stopped it: a layer would lose every filter
+            raise LayerEmptiedError(f"{emptied} (closest reachable: {', '.join(reach) or 'nothing'})")
         raise ValueError(f"cannot remove {target:.2%} of {what} by pruning these layers (closest reachable: "
                          f"{', '.join(reach) or 'nothing'}); widen the scope, raise the per-layer cap "
                          "(--max_layer_sparsity) or change the target")
