@@ -8,13 +8,10 @@
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
-warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
 from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_recalibration_argument, exit_status  # noqa: E402
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402

@@ -8,13 +8,10 @@
 """
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
-warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
 from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_recalibration_argument, exit_status  # noqa: E402
 from cdp_gfi.runs.imagenet_stage1 import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402

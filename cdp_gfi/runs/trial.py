@@ -20,14 +20,10 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
-warnings.filterwarnings("ignore", message=".*already registered as pytree node")
-warnings.filterwarnings("ignore", message=".*Running trial code without runtime")
 
 import nni  # noqa: E402
 

@@ -15,11 +15,9 @@ import shlex
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
 
 import pandas as pd  # noqa: E402
 from nni.experiment import Experiment  # noqa: E402
