@@ -29,7 +29,7 @@ import nni  # noqa: E402
 
 from .cli import OneLineParser, exit_status  # noqa: E402
 from .cifar_config import DATASETS, PruneConfig, check, resolve
-from .cifar import run  # noqa: E402
+from .cifar import claim_folder, run  # noqa: E402
 
 # What a search space may set, with its type; the command line gives the defaults.
 TUNABLE: Dict[str, type] = {
@@ -104,7 +104,7 @@ def trial_config(args: argparse.Namespace, params: Mapping[str, Any]) -> PruneCo
     if "save_dir" not in fixed and output:
         fixed["save_dir"] = str(Path(output) / "prune")
     try:
-        config = resolve(PruneConfig(**{**fixed, **tuned}))
+        config = resolve(claim_folder(PruneConfig(**{**fixed, **tuned})))
         check(config)
     except ValueError as err:
         raise ValueError(f"trial parameters {dict(params)}: {err}" if params else str(err)) from err
