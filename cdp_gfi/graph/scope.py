@@ -19,6 +19,7 @@ class PruneGroup:
     names: List[str]
     sparse_ratio: Optional[float]
     max_sparse_ratio: Optional[float] = None
+    flops_reduction: Optional[float] = None
 
 
 def default_scope(graph: ModelGraph) -> List[str]:
@@ -49,7 +50,9 @@ def follower_convs(units: Dict[str, Unit]) -> List[str]:
 def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Dict[str, Unit]) -> List[PruneGroup]:
     """Turn NNI config entries into groups of in-scope units (model order), one global ranking each.
 
-    A unit belongs to the first entry that selects every one of its convs.
+    A unit belongs to the first entry that selects every one of its convs. Besides NNI's keys (``sparse_ratio``,
+    ``max_sparse_ratio``, legacy ``sparsity``) an entry may set the pruners' ``flops_reduction`` and
+    ``max_layer_sparsity``.
     """
     from nni.compression.base.config import select_modules_by_config, trans_legacy_config_list
 
@@ -70,5 +73,18 @@ def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Di
                 f"config_list[{idx}] ({entry}) matches no prunable conv; the prunable ones are: "
                 f"{scope[:6]}{' ...' if len(scope) > 6 else ''}")
         taken.update(names)
-        groups.append(PruneGroup(names, entry.get("sparse_ratio"), entry.get("max_sparse_ratio")))
+        groups.append(PruneGroup(names, entry_setting(entry, "sparse_ratio"),
+                                 entry_setting(entry, "max_sparse_ratio", "max_layer_sparsity"),
+                                 entry.get("flops_reduction")))
     return groups
+
+
+def entry_setting(entry: Dict, *keys: str) -> Optional[float]:
+    """The first of ``keys`` a config entry sets, at its top level or in NNI's ``target_settings`` of the weight
+    (where NNI puts a legacy ``sparsity`` / ``max_sparsity_per_layer``); None when it sets none."""
+    weight = (entry.get("target_settings") or {}).get("weight") or {}
+    for key in keys:
+        for where in (entry, weight):
+            if where.get(key) is not None:
+                return where[key]
+    return None
