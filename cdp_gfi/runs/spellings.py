@@ -51,6 +51,10 @@ class BothSpellingsParser(argparse.ArgumentParser):
         action.aliases = tuple(aliases)
         return action
 
+    def format_help(self) -> str:
+        """The help, ending with the rule about spellings (the aliases themselves are not listed)."""
+        return super().format_help() + "\nEvery multi-word flag takes either spelling (--batch_size or --batch-size).\n"
+
     def _get_option_tuples(self, option_string: str) -> list:
         """Abbreviations: a prefix of both spellings of one flag is that flag, not an ambiguous option."""
         unique: dict = {}
