@@ -1,6 +1,6 @@
 """Prune a pretrained CIFAR (or the bundled digits) network with CDP or GFI-AP, slim it, fine-tune it, measure it.
 
-    python prune_cifar.py --dataset digits        # the demo: trains its own baseline, about 2 minutes on 2 cores
+    python prune_cifar.py --dataset digits        # the demo: trains its own baseline, 8 minutes on 2 busy cores
     python prune_cifar.py --model resnet56 --pretrained_dir ckpt/base/resnet56.pth --dataroot /data/cifar10 \\
         --sparsity 0.5                            # the CDP README's command, with CDP's class-wise scores
     python prune_cifar.py --dataset digits --sparsity 0.3,0.4,0.5,0.6   # a sweep: sweep.csv and sweep.png

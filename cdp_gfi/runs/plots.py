@@ -2,7 +2,8 @@
 
 - ``plot_pruning_effect``: a sweep's effect against the requested targets,
   GFI-AP style (threshold, MACs and parameters retained, accuracy after
-  pruning and after fine-tuning, seconds per point; constant panels left out);
+  pruning, after BatchNorm re-estimation and after fine-tuning, seconds per
+  point; constant panels left out);
 - ``plot_kept_filters``: filters kept of each pruned layer of one run;
 - ``plot_accuracy_vs_macs``: accuracy against MACs for several methods.
 
@@ -24,6 +25,7 @@ EFFECT_PANELS = (
     ("macs_retained_pct", "MACs retained (%)"),
     ("params_retained_pct", "parameters retained (%)"),
     ("pruned_top1_before_finetune", "top-1 after pruning (%)"),
+    ("pruned_top1_recalibrated", "top-1 after BN re-estimation (%)"),
     ("pruned_top1", "top-1 after fine-tuning (%)"),
     ("point_time_s", "time per point (s)"),
 )
