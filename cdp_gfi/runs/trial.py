@@ -24,12 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+import nni
 
-import nni  # noqa: E402
-
-from .cli import OneLineParser, exit_status  # noqa: E402
+from .cli import OneLineParser, exit_status
 from .cifar_config import DATASETS, PruneConfig, check, resolve
-from .cifar import claim_folder, run  # noqa: E402
+from .cifar import claim_folder, run
 
 # What a search space may set, with its type; the command line gives the defaults.
 TUNABLE: Dict[str, type] = {

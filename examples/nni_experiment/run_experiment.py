@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import pandas as pd
+from nni.experiment import Experiment
+from nni.experiment.data import TrialJob
 
-import pandas as pd  # noqa: E402
-from nni.experiment import Experiment  # noqa: E402
-from nni.experiment.data import TrialJob  # noqa: E402
-
-from cdp_gfi.runs.trial import flatten  # noqa: E402
+from cdp_gfi.runs.trial import flatten
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
