@@ -86,7 +86,7 @@ class _StatisticsPruner(Pruner):
         return x[:1]
 
     def _check_targets(self) -> None:
-        """One target per entry: ``sparse_ratio``, or ``flops_reduction`` (the keyword, or the key of a one-entry list)."""
+        """One target per entry: ``sparse_ratio``, or ``flops_reduction`` (keyword, or key of a one-entry list)."""
         keyed = [g.flops_reduction for g in self.groups if g.flops_reduction is not None]
         if keyed and self.flops_reduction is not None and keyed[0] != self.flops_reduction:
             raise ValueError(f"flops_reduction is {self.flops_reduction} as the pruner keyword but {keyed[0]} in "

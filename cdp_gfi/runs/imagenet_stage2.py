@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import imagenet_datasets
 from ..data.samplers import EpochTaggedSampler, SeededAugmentation, ShardSampler, make_loader
-from ..distributed import DistInfo, barrier, from_main_rank, init_distributed, launched_rank, on_every_rank, parse_device
+from ..distributed import (DistInfo, barrier, from_main_rank, init_distributed, launched_rank, on_every_rank,
+                           parse_device)
 from ..files.checkpoint import (
     CheckpointError,
     PathLike,

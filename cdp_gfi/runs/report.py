@@ -1,7 +1,8 @@
 """What a pruning run reports: kept filters per layer, MACs and parameters before/after, and the run summary.
 
 Tables go to stdout and to CSV (pandas); the summary to ``summary.json`` and a
-one-row ``summary.csv``; the result, rounded, to one printed line (``result_line``). MACs are counted in both conventions of ``flops``:
+one-row ``summary.csv``; the result, rounded, to one printed line (``result_line``).
+MACs are counted in both conventions of ``flops``:
 conv + linear (the papers' "FLOPs") and ptflops (GFI-AP's).
 """
 from __future__ import annotations
