@@ -1,6 +1,6 @@
 """Prune a pretrained CIFAR (or the bundled digits) network with CDP or GFI-AP, slim it, fine-tune it, measure it.
 
-    python prune_cifar.py --dataset digits        # the demo: trains its own baseline, about 2 minutes on 2 cores
+    python prune_cifar.py --dataset digits        # the demo: trains its own baseline, 8 minutes on 2 busy cores
     python prune_cifar.py --model resnet56 --pretrained_dir ckpt/base/resnet56.pth --dataroot /data/cifar10 \\
         --sparsity 0.5                            # the CDP README's command, with CDP's class-wise scores
     python prune_cifar.py --dataset digits --sparsity 0.3,0.4,0.5,0.6   # a sweep: sweep.csv and sweep.png
@@ -8,18 +8,15 @@
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
-warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
 from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_recalibration_argument, exit_status  # noqa: E402
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
 from cdp_gfi.runs.cifar_config import DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig  # noqa: E402
-from cdp_gfi.runs.cifar import run  # noqa: E402
+from cdp_gfi.runs.cifar import claim_folder, run  # noqa: E402
 from cdp_gfi.runs.sweep import sweep  # noqa: E402
 
 
@@ -69,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="GFI-AP: prune layer by layer, N epochs of training after each (default 0: one shot)")
     add_recalibration_argument(p)
     a("--seed", type=int, default=0, help="seed of sampling, training and the digits split (default 0)")
-    a("--save_dir", help="run folder (default runs/<dataset>_<model>_<method>_seed<seed>)")
-    a("--resume", action="store_true", help="continue the interrupted run in --save_dir (same arguments)")
+    a("--save_dir", help="run folder (default runs/<dataset>_<model>_<method>_seed<seed>, or its next free name "
+                         "...-2, -3 when it holds another run); a folder holding another run is refused")
+    a("--resume", action="store_true", help="continue the interrupted run in --save_dir (same arguments); the only "
+                                            "way to write into a folder that holds a run")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     a("--gpus", help="GPU index to use, e.g. 0 (a list uses its first; several GPUs need torchrun)")
     a("-j", "--workers", type=int, help="data loader worker processes (default 4; digits 0)")
@@ -82,18 +81,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sweep_key = next((k for k in ("sparsity", "flops_reduction") if isinstance(getattr(args, k), list)), None)
+    folder: List[str] = []  # the run's folder, once chosen: how to continue after Ctrl-C
 
     def work() -> None:
+        first = {sweep_key: getattr(args, sweep_key)[0]} if sweep_key else {}
+        config = claim_folder(PruneConfig(**{**vars(args), **first}))
+        folder.append(config.save_dir)
         if sweep_key:
-            sweep(PruneConfig(**{**vars(args), sweep_key: getattr(args, sweep_key)[0]}), getattr(args, sweep_key))
+            sweep(config, getattr(args, sweep_key))
         else:
-            run(PruneConfig(**vars(args)))
+            run(config)
 
     try:
         return exit_status(work)
     except KeyboardInterrupt:
-        print("interrupted: the last complete epoch is saved; continue with the same command plus --resume",
-              file=sys.stderr)
+        print("interrupted: the last complete epoch is saved; continue with the same command plus --resume"
+              + (f" --save_dir {folder[0]}" if folder and not args.save_dir else ""), file=sys.stderr)
         return 130
 
 

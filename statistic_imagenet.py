@@ -8,13 +8,10 @@
 """
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
-warnings.filterwarnings("ignore", message=".*already registered as pytree node")
 
 from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_recalibration_argument, exit_status, imagenet_model  # noqa: E402
 from cdp_gfi.runs.imagenet_stage1 import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
@@ -29,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="any torchvision classification CNN by its torchvision.models name (resnet50, mobilenet_v2, "
            "efficientnet_b0, ...; plain vggNN = vggNN_bn; default resnet50), or timm:NAME for a timm model "
            "(needs timm installed)")
-    a("--pretrained_dir", help="trained weights: a state_dict, {'state_dict': ...}, a checkpoint of ours, or a "
-                               "torchvision weights file (nested or bare, 'module.' ok); loaded strictly")
+    a("--pretrained_dir", help="trained weights (required; for a trial run without any, --allow_random_init): a "
+                               "state_dict, {'state_dict': ...}, a checkpoint of ours, or a torchvision weights file "
+                               "(nested or bare, 'module.' ok); loaded strictly")
     a("--allow_random_init", action="store_true",
-      help="run without --pretrained_dir (tests only: statistics of an untrained network are meaningless)")
+      help="run without --pretrained_dir on seeded random weights, to try the pipeline or test it (the masks mean "
+           "nothing: statistics of an untrained network are meaningless)")
     a("--dataroot", required=True, help="folder with train/ and val/ class folders (ImageFolder layout)")
     add_criterion_arguments(p)
     a("--sparsity", help="fraction(s) of prunable filters to remove, e.g. 0.39 or a sweep 0.3,0.4,0.5")
@@ -46,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"statistics file name (default {STATISTICS_NAME}); reused when it exists and matches")
     a("--save_statistic_path", help="folder of the statistics file (default: --save_model_path)")
     a("--recompute_statistics", action="store_true", help="gather statistics even if the file exists")
-    a("--save_model_path", help="output folder (default ckpt/imagenet_<model>_<method>)")
+    a("--save_model_path", help="output folder (default ckpt/imagenet_<model>_<method>, or its next free name "
+                                "...-2 when it holds another run); a folder holding another run is refused")
     add_recalibration_argument(p)
     a("--seed", type=int, default=0, help="seed of the image sample (and of random weights; default 0)")
     a("--gpus", help="GPU index, e.g. 0 (single process; under torchrun use CUDA_VISIBLE_DEVICES)")

@@ -30,7 +30,6 @@ import logging
 import statistics as st
 import threading
 import time
-import warnings
 from typing import Callable, Dict, List, Tuple
 
 import pandas as pd
@@ -39,7 +38,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-warnings.filterwarnings("ignore")
 
 from cdp_gfi import build_model, select, slim, to_nni_masks  # noqa: E402
 from cdp_gfi.graph.trace import trace  # noqa: E402

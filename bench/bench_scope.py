@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
 
-warnings.filterwarnings("ignore")
 
 from cdp_gfi.runs.cifar_config import PruneConfig  # noqa: E402
 from cdp_gfi.runs.cifar import run  # noqa: E402

@@ -16,7 +16,6 @@ import argparse
 import statistics as st
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -25,7 +24,6 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-warnings.filterwarnings("ignore")
 
 import competitors  # noqa: E402
 from cdp_gfi import build_model, count_flops, select, to_nni_masks  # noqa: E402

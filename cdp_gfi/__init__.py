@@ -3,6 +3,7 @@
 The public API: build a model, gather statistics, score filters, select
 masks, slim, count FLOPs, or do it all through the NNI pruner classes.
 """
+from . import _quiet  # noqa: F401  (first: filters third-party noise before NNI loads)
 from .files.pretrained import load_pretrained
 from .flops import count_flops, layer_table
 from .graph.scope import default_scope

@@ -243,6 +243,16 @@ def same_on_every_rank(value: Any, what: str) -> None:
                         report=dist.get_rank() == 0)
 
 
+def from_main_rank(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a collective; ``value`` itself in a single process), e.g. the folder it
+    chose to write to."""
+    if not is_distributed():
+        return value
+    box = [value]
+    _collective(lambda: dist.broadcast_object_list(box, src=0, group=_control_group))
+    return box[0]
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` in place across processes (no-op in a single process); returns it."""
     if is_distributed():

@@ -21,9 +21,9 @@ import sys
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from cdp_gfi import build_model, collect_statistics, default_scope
-from cdp_gfi.data import ClassShardSampler
+from cdp_gfi.data.samplers import ClassShardSampler
 from cdp_gfi.distributed import cleanup, init_distributed
-from cdp_gfi.graph import trace
+from cdp_gfi.graph.trace import trace
 
 info = init_distributed("cpu")
 torch.manual_seed(0)

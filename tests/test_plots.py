@@ -2,16 +2,17 @@
 import pandas as pd
 import pytest
 
-from cdp_gfi.runs.plots import EFFECT_PANELS, PRUNING_FRACTION, plot_accuracy_vs_macs, plot_kept_filters, plot_pruning_effect
+from cdp_gfi.runs.plots import EFFECT_PANELS, TARGET_LABELS, plot_accuracy_vs_macs, plot_kept_filters, plot_pruning_effect
 
 PNG = b"\x89PNG"
 
 
 @pytest.fixture
 def sweep_frame() -> pd.DataFrame:
-    return pd.DataFrame({"filters_removed_pct": [40.0, 20.0], "threshold": [0.9, 0.5],
+    return pd.DataFrame({"sparsity": [0.5, 0.3], "filters_removed_pct": [40.0, 20.0], "threshold": [0.9, 0.5],
                          "macs_reduction_pct": [45.0, 25.0], "params_reduction_pct": [30.0, 12.0],
-                         "pruned_top1_before_finetune": [60.0, 80.0], "pruned_top1": [90.0, 94.0],
+                         "pruned_top1_before_finetune": [60.0, 80.0], "pruned_top1_recalibrated": [70.0, 85.0],
+                         "pruned_top1": [90.0, 94.0],
                          "point_time_s": [12.0, 11.0]})
 
 
@@ -22,9 +23,19 @@ def test_pruning_effect(sweep_frame, tmp_path):
     assert figure._suptitle.get_text() == "gfi on resnet20"
     axes = figure.axes
     assert [ax.get_ylabel() for ax in axes] == [label for _, label in EFFECT_PANELS]
-    assert all(ax.get_xlabel() == PRUNING_FRACTION for ax in axes)
+    assert all(ax.get_xlabel() == TARGET_LABELS["sparsity"] for ax in axes)
     x, y = axes[1].lines[0].get_data()
-    assert list(x) == [0.2, 0.4] and list(y) == [75.0, 55.0]  # MACs retained, sorted by fraction
+    assert list(x) == [0.3, 0.5] and list(y) == [75.0, 55.0]  # MACs retained against the requested sparsity
+
+
+def test_pruning_effect_leaves_out_constant_panels(sweep_frame):
+    frame = sweep_frame.assign(threshold=[float("nan")] * 2, pruned_top1=[94.0, 94.0]).rename(
+        columns={"sparsity": "flops_reduction"})
+    axes = plot_pruning_effect(frame, target="flops_reduction").axes
+    assert [ax.get_ylabel() for ax in axes] == ["MACs retained (%)", "parameters retained (%)",
+                                                "top-1 after pruning (%)", "top-1 after BN re-estimation (%)",
+                                                "time per point (s)"]
+    assert axes[0].get_xlabel() == TARGET_LABELS["flops_reduction"]
 
 
 def test_kept_filters(tmp_path):

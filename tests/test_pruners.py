@@ -117,3 +117,29 @@ def test_flops_target_and_reused_statistics(base, loader):
     wrong = collect_statistics(base, loader, SCOPE, ["cdp_class"], stop_batch=1, progress=False)
     with pytest.raises(ValueError, match="'gfi'"):
         GFIPruner(copy.deepcopy(base), CONFIG, statistics=wrong, dummy_input=torch.zeros(1, 3, 32, 32)).compress()
+
+
+def test_flops_reduction_and_max_layer_sparsity_as_config_keys(base, loader):
+    stats = collect_statistics(base, loader, SCOPE, ["gfi"], stop_batch=1, progress=False)
+    dummy = torch.zeros(1, 3, 32, 32)
+
+    def keep_of(config, **kwargs):
+        pruner = GFIPruner(copy.deepcopy(base), config, statistics=stats, dummy_input=dummy, **kwargs)
+        pruner.compress()
+        return pruner.keep
+
+    as_key = keep_of([{"op_types": ["Conv2d"], "flops_reduction": 0.4}])
+    as_keyword = keep_of([{"op_types": ["Conv2d"]}], flops_reduction=0.4)
+    assert all(torch.equal(as_key[n], as_keyword[n]) for n in as_keyword)
+    capped = keep_of([{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "max_layer_sparsity": 0.55}])
+    by_keyword = keep_of([{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], max_layer_sparsity=0.55)
+    assert all(torch.equal(capped[n], v) for n, v in by_keyword.items())
+    assert all((~k).sum() <= 0.55 * k.numel() for k in capped.values())
+    legacy = keep_of([{"op_types": ["Conv2d"], "sparsity": 0.5}])  # NNI 2.x spelling
+    assert all(torch.equal(legacy[n], v) for n, v in keep_of([{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]).items())
+    with pytest.raises(ValueError, match="sets no target: give it sparse_ratio .* or flops_reduction"):
+        keep_of([{"op_types": ["Conv2d"]}])
+    with pytest.raises(ValueError, match="not both"):
+        keep_of([{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "flops_reduction": 0.4}])
+    with pytest.raises(ValueError, match="give it once"):
+        keep_of([{"op_types": ["Conv2d"], "flops_reduction": 0.4}], flops_reduction=0.3)

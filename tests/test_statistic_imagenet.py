@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cdp_gfi.runs.imagenet_stage1 as stage1
-import cdp_gfi.statistics as statistics
+import cdp_gfi.statistics.collect as statistics
 from cdp_gfi.runs import imagenet_stage2 as retrain
 from cdp_gfi.files.checkpoint import load_checkpoint
 from cdp_gfi import load_slim
@@ -159,6 +159,7 @@ def test_statistics_are_reused_unless_recomputation_is_asked(cdp_dir, imagefolde
     assert counted_run(common, stage1, "collect_statistics").calls == 0
     assert "statistics: reusing" in capsys.readouterr().out
     assert_same_keep(tmp_path / "again" / "masks.pth", cdp_dir / "masks.pth")
+    common[common.index(str(tmp_path / "again"))] = str(tmp_path / "recomputed")  # "again" holds a run now
     assert counted_run([*common, "--recompute_statistics"], stage1, "collect_statistics").calls == 1
 
 

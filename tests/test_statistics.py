@@ -153,3 +153,11 @@ def test_bad_input(model, data):
         collect_statistics(broken, DataLoader(TensorDataset(x, y), batch_size=8), LAYERS, progress=False)
     with pytest.raises(StatisticsError, match="Conv2d"):
         collect_statistics(model, unlabelled, ["fc"], ["cdp_sample"], progress=False)
+
+
+def test_progress_bar_counts_the_batches_the_data_gives():
+    from cdp_gfi.statistics.collect import _pass_length
+
+    loader = DataLoader(TensorDataset(torch.zeros(23, 3, 8, 8), torch.zeros(23, dtype=torch.long)), batch_size=1)
+    assert _pass_length(loader, 200) == 23 and _pass_length(loader, 5) == 5 and _pass_length(loader, None) == 23
+    assert _pass_length((batch for batch in loader), 200) == 200  # no length known: the requested batches

@@ -19,6 +19,7 @@ class PruneGroup:
     names: List[str]
     sparse_ratio: Optional[float]
     max_sparse_ratio: Optional[float] = None
+    flops_reduction: Optional[float] = None
 
 
 def default_scope(graph: ModelGraph) -> List[str]:
@@ -51,7 +52,9 @@ def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Di
     """Turn NNI config entries into groups of in-scope units (model order), one global ranking each.
 
     A unit belongs to the first entry that selects every one of its convs; ``op_types`` ``Conv2d``
-    selects its subclasses too. ``why_none`` says why no unit exists, for the error when none does.
+    selects its subclasses too. Besides NNI's keys (``sparse_ratio``, ``max_sparse_ratio``, legacy
+    ``sparsity``) an entry may set the pruners' ``flops_reduction`` and ``max_layer_sparsity``.
+    ``why_none`` says why no unit exists, for the error when none does.
     """
     from nni.compression.base.config import select_modules_by_config, trans_legacy_config_list
 
@@ -72,7 +75,9 @@ def resolve_config_list(model: nn.Module, config_list: Sequence[Dict], units: Di
                 f"no conv is prunable in this model{f' ({why_none})' if why_none else ''}"
             raise ValueError(f"config_list[{idx}] ({entry}) matches no prunable conv; {listed}")
         taken.update(names)
-        groups.append(PruneGroup(names, entry.get("sparse_ratio"), entry.get("max_sparse_ratio")))
+        groups.append(PruneGroup(names, entry_setting(entry, "sparse_ratio"),
+                                 entry_setting(entry, "max_sparse_ratio", "max_layer_sparsity"),
+                                 entry.get("flops_reduction")))
     return groups
 
 
@@ -83,3 +88,14 @@ def _with_subclasses(model: nn.Module, entry: Dict) -> Dict:
         return entry
     extra = {type(m).__name__ for m in model.modules() if any(c.__name__ in types for c in type(m).__mro__)}
     return {**entry, "op_types": list(dict.fromkeys([*types, *sorted(extra)]))}
+
+
+def entry_setting(entry: Dict, *keys: str) -> Optional[float]:
+    """The first of ``keys`` a config entry sets, at its top level or in NNI's ``target_settings`` of the weight
+    (where NNI puts a legacy ``sparsity`` / ``max_sparsity_per_layer``); None when it sets none."""
+    weight = (entry.get("target_settings") or {}).get("weight") or {}
+    for key in keys:
+        for where in (entry, weight):
+            if where.get(key) is not None:
+                return where[key]
+    return None

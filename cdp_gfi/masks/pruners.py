@@ -92,12 +92,26 @@ class _StatisticsPruner(Pruner):
         return x[:1]
 
     def _check_targets(self) -> None:
+        """One target per entry: ``sparse_ratio``, or ``flops_reduction`` (keyword, or key of a one-entry list)."""
+        keyed = [g.flops_reduction for g in self.groups if g.flops_reduction is not None]
+        if keyed and self.flops_reduction is not None and keyed[0] != self.flops_reduction:
+            raise ValueError(f"flops_reduction is {self.flops_reduction} as the pruner keyword but {keyed[0]} in "
+                             "config_list: give it once")
+        self.flops_reduction = keyed[0] if keyed else self.flops_reduction
         if self.flops_reduction is not None:
             check_fraction(self.flops_reduction, "flops_reduction")
             if len(self.groups) != 1:
-                raise ValueError("a flops_reduction target takes a config_list with one entry")
-            return
+                raise ValueError("a flops_reduction target (the pruner keyword or a config_list key) takes a "
+                                 "config_list with one entry: MACs are removed by one global ranking")
+            if keyed and self.groups[0].sparse_ratio is not None:
+                raise ValueError("give sparse_ratio (fraction of filters) or flops_reduction (fraction of MACs) in a "
+                                 "config_list entry, not both")
+            return  # the keyword wins over the entry's sparse_ratio, which then only selects modules (as before)
         for g in self.groups:
+            if g.sparse_ratio is None:
+                raise ValueError(f"the config_list entry selecting {g.names[:3]} sets no target: give it sparse_ratio "
+                                 "(fraction of filters removed) or flops_reduction (fraction of MACs removed; also "
+                                 "the pruner keyword flops_reduction=)")
             check_fraction(g.sparse_ratio, f"sparse_ratio of the entry selecting {g.names[:3]}")
 
     def _convs_of(self, unit_names: List[str]) -> List[str]:

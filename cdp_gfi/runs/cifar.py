@@ -6,23 +6,23 @@ checked before any long work. Files written in ``save_dir``:
 
 - ``args.json``: the run's arguments (``resume`` refuses other ones);
 - ``baseline/``: the training log of a baseline trained here (its weights are
-  cached as ``<baseline_dir>/<model>_<dataset>_seed<seed>.pth``);
+  cached as ``<baseline_dir>/<model>_<dataset>_seed<seed>_e<epochs>_<recipe hash>.pth``);
 - ``pruned.pth``: the slimmed network before fine-tuning (a "slim" checkpoint,
-  ``cdp_gfi.load_slim`` reads it); ``layers.csv`` (kept filters) and ``costs.csv`` (MACs
+  ``cdp_gfi.load_slim`` reads it); ``layers.csv`` and ``layers.png`` (kept filters) and ``costs.csv`` (MACs
   and parameters, both conventions);
 - ``log.csv``, ``last.pth``, ``best.pth``: fine-tuning (``train.fit``); each
   checkpoint also holds what rebuilds the slim network (``slim_files.slim_recipe``:
   ``load_slim`` reads them too) and ``args``;
-- ``summary.json`` and ``summary.csv``: the results in one record.
+- ``summary.json`` and ``summary.csv``: the results in one record (and one printed line, rounded).
 
-``runs.sweep.sweep(config, targets)`` runs several targets from one statistics pass, each
-point as above in ``point_<target>/`` (plus ``layers.png``), then writes
-``sweep.csv`` and ``sweep.png`` in ``save_dir``."""
+A fresh run never writes into a folder holding another run (``claim_folder``);
+only ``resume`` continues one. ``runs.sweep.sweep(config, targets)`` runs several
+targets from one statistics pass, each point as above in ``point_<target>/``,
+then writes ``sweep.csv`` and ``sweep.png`` in ``save_dir``."""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -41,7 +41,7 @@ from ..slimming.slim_files import rebuild_slim, save_slim_checkpoint
 from ..statistics.store import Statistics
 from ..train.loop import evaluate, seed_everything
 from ..train.recalibrate import check_batches
-from .cifar_config import PruneConfig, check, resolve
+from .cifar_config import RUN_FILES, PruneConfig, check, defaults, resolve
 from .cifar_steps import (
     finetune,
     load_baseline,
@@ -54,8 +54,10 @@ from .cifar_steps import (
     train_baseline,
     train_loader,
 )
+from .folders import claim
 from .imagenet_stage2 import load_pruned_checkpoint
-from .report import cost_summary, removed_fraction, write_summary
+from .plots import plot_kept_filters
+from .report import cost_summary, removed_fraction, result_line, write_summary
 
 
 @dataclass
@@ -107,6 +109,8 @@ def run_point(config: PruneConfig, session: Session, started: float,
         save_slim_checkpoint(pruned_path, config.model, model, masks, num_classes_for(config.dataset),
                              asdict(config), dataset=config.dataset)
     costs = report(config, session.baseline, model, masks, save_dir)
+    plot_kept_filters(pd.read_csv(save_dir / "layers.csv"), save_dir / "layers.png",
+                      f"{config.method} on {config.model} / {config.dataset}, {save_dir.name}")
     pruned_top1 = evaluate(model, loaders[1], device)["top1"]
     print(f"pruned top-1 right after pruning: {pruned_top1:.2f}%", flush=True)
     accuracies = {"baseline_top1": session.baseline_top1, "pruned_top1_before_finetune": pruned_top1,
@@ -120,7 +124,7 @@ def run_point(config: PruneConfig, session: Session, started: float,
     summary = summarize(config, masks, costs, {**accuracies, "bn_recalibrate": session.recal_batches}, log,
                         time.perf_counter() - started)
     write_summary(summary, save_dir)
-    print("Summary\n" + json.dumps(summary, indent=2), flush=True)
+    print(result_line(save_dir, [summary]), flush=True)
     return summary
 
 
@@ -128,9 +132,20 @@ def run(config: PruneConfig, on_epoch_end: Optional[Callable[[int, Dict[str, flo
         ) -> Dict[str, Any]:
     """The whole run (see the module docstring); returns the summary. ``on_epoch_end`` goes to ``fit``."""
     started = time.perf_counter()
-    config = resolve(config)
+    config = resolve(claim_folder(config))
     session = open_session(config, lambda save_dir: record_arguments(config, save_dir))
     return run_point(config, session, started, on_epoch_end)
+
+
+def claim_folder(config: PruneConfig) -> PruneConfig:
+    """``config`` with the folder the run writes to: ``--save_dir`` (refused when it holds another run, unless
+    resuming) or, when none is given, the default folder or the next free name after it (``runs.folders``)."""
+    default = config.save_dir is None
+    directory = defaults(config)["save_dir"] if default else config.save_dir
+    if not config.resume:
+        directory = str(claim(directory, RUN_FILES, default=default, flag="--save_dir",
+                              to_continue="continue it with --resume (same arguments)"))
+    return replace(config, save_dir=directory)
 
 
 def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies: Dict[str, float],

@@ -21,9 +21,9 @@ BASELINE_LR = 0.1
 # Where files live, not what they compute: free to differ when a run is resumed.
 RUNTIME_ONLY = frozenset({"resume", "workers", "device", "gpus", "dataroot", "download", "integrity_check",
                           "save_dir", "statistics_file", "baseline_dir"})
-# A fresh run in an old save_dir removes these, so a later --resume never continues the old run.
-RUN_FILES = ("pruned.pth", "last.pth", "best.pth", "log.csv", "baseline/last.pth", "baseline/best.pth",
-             "baseline/log.csv")
+# A save_dir holding any of these holds a run: a fresh run refuses it, or takes the next free name (runs.folders).
+RUN_FILES = ("args.json", "summary.json", "pruned.pth", "last.pth", "best.pth", "log.csv", "layers.csv",
+             "costs.csv", "sweep.csv", "baseline", "point_*")
 
 
 @dataclass(frozen=True)

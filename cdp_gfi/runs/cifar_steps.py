@@ -35,7 +35,7 @@ from ..statistics.store import Statistics
 from ..train.loop import fit, seed_everything, train_one_epoch
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.recalibrate import recalibrate_batchnorm
-from .cifar_config import BASELINE_LR, RUN_FILES, RUNTIME_ONLY, PruneConfig
+from .cifar_config import BASELINE_LR, RUNTIME_ONLY, PruneConfig
 from .report import cost_table, kept_table, measure, write_table
 
 
@@ -101,7 +101,8 @@ def statistics_fingerprint(config: PruneConfig, model: nn.Module) -> Dict[str, A
 def record_arguments(config: PruneConfig, save_dir: Path, overrides: Optional[Dict[str, Any]] = None) -> None:
     """Write the run's arguments to args.json, or, when resuming, refuse arguments other than the saved ones.
 
-    ``overrides`` replaces some of them (a sweep records its list of targets).
+    ``overrides`` replaces some of them (a sweep records its list of targets). A fresh run's folder holds no
+    other run (``cifar.claim_folder``): nothing is removed here.
     """
     path = save_dir / "args.json"
     current = {k: v for k, v in asdict(config).items() if k not in RUNTIME_ONLY}
@@ -115,8 +116,6 @@ def record_arguments(config: PruneConfig, save_dir: Path, overrides: Optional[Di
             raise ValueError(f"--resume: the run in {save_dir} had other arguments ({'; '.join(differ)}); "
                              "resume with the same arguments or use another --save_dir")
         return
-    for name in RUN_FILES:
-        (save_dir / name).unlink(missing_ok=True)
     with atomic_open(path, "w") as handle:
         json.dump(current, handle, indent=2)
 

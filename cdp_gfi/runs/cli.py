@@ -11,12 +11,14 @@ from ..graph.sites import SITES
 from ..masks.select import RULES
 from ..models import IMAGENET_MODELS, check_model_name
 from ..scores.ranking import NORMALIZATIONS
+from .spellings import BothSpellingsParser
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser that reports bad input as one `error:` line (exit status 2), once under torchrun."""
+class OneLineParser(BothSpellingsParser):
+    """An argument parser that reports bad input as one `error:` line (exit status 2), once under torchrun, and
+    takes both spellings of a multi-word flag (``--batch_size``, ``--batch-size``)."""
 
     def error(self, message: str) -> NoReturn:
         """Print `error: message` (rank 0 only: every rank parses the same command line) and exit 2."""

@@ -16,13 +16,17 @@ Files (only rank 0 writes):
   ``save_model_path/<sparsity|flops_reduction>_<value>/`` (a sweep):
   ``masks.pth`` and ``slim.pth`` (``retrain``'s masks and slim checkpoints; the slim network
   with its BatchNorm statistics re-estimated on ``bn_recalibrate`` batches,
-  which ``imagenet/imagenet.py --resume`` reads), ``layers.csv`` (filters
-  kept per layer) and ``costs.csv`` (MACs and parameters, both conventions);
+  which ``imagenet/imagenet.py --resume`` reads), ``layers.csv`` and ``layers.png``
+  (filters kept per layer) and ``costs.csv`` (MACs and parameters, both conventions);
 - ``results.csv`` in ``save_model_path``: one row per target.
+
+A fresh run never writes into a folder holding another stage-1 run
+(``claim_output``). It ends with one result line and the stage-2 command.
 """
 from __future__ import annotations
 
 import copy
+import shlex
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -34,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import imagenet_datasets
 from ..data.samplers import ClassShardSampler, dataset_targets, make_loader, sample_loader
-from ..distributed import DEFAULT_TIMEOUT_S, DistInfo, on_every_rank, same_on_every_rank
+from ..distributed import DEFAULT_TIMEOUT_S, DistInfo, from_main_rank, on_every_rank, same_on_every_rank
 from ..files.checkpoint import ensure_writable_dir
 from ..files.pretrained import load_pretrained
 from ..flops import CONVENTIONS, keep_vectors
@@ -57,11 +61,15 @@ from ..train.recalibrate import check_batches, recalibrate_batchnorm
 from .cifar_config import PruneConfig
 from .cifar_steps import choose_masks
 from .cli import USER_ERRORS
+from .folders import claim
 from .imagenet_stage2 import resolve_device, save_masks_checkpoint
-from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, write_table
+from .plots import plot_kept_filters
+from .report import Costs, cost_summary, cost_table, kept_table, measure, removed_fraction, result_line, write_table
 
 STATISTICS_NAME, MASKS_NAME, SLIM_NAME = "statistics.pth", "masks.pth", "slim.pth"
 RESULTS_NAME, LAYERS_NAME, COSTS_NAME = "results.csv", "layers.csv", "costs.csv"
+# An output folder holding any of these holds a stage-1 run (a statistics file alone is there to be reused)
+STAGE1_FILES = (MASKS_NAME, SLIM_NAME, RESULTS_NAME, LAYERS_NAME, COSTS_NAME, "sparsity_*", "flops_reduction_*")
 MIN_INPUT_SIZE = 32
 
 
@@ -278,6 +286,8 @@ def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classe
     save_slim_checkpoint(directory / SLIM_NAME, config.model, point.model, point.masks, num_classes, args)
     keep = keep_vectors(point.masks)
     write_table(kept_table(keep), directory / LAYERS_NAME, f"{point.target.name}: filters kept per pruned layer")
+    plot_kept_filters(kept_table(keep), directory / "layers.png",
+                      f"{config.method} on {config.model}, {point.target.name}")
     write_table(point.costs, directory / COSTS_NAME, f"{point.target.name}: MACs and parameters per image")
     return {"target": point.target.kind, "target_value": point.target.value, "method": config.method,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None, "dir": str(directory),
@@ -338,6 +348,7 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     config = replace(config, **asdict(config.variant()))
     targets = check(config)
     info = resolve_device(config)
+    config = claim_output(config, info)
     p = on_every_rank(lambda: prepare(config, targets, info), USER_ERRORS)
     same_on_every_rank(p.meta["fingerprint"]["weights_sha256"], "the weights' hash (give every rank the same file)")
     same_on_every_rank(p.stats is not None, f"whether {statistics_path(config)} can be reused "
@@ -353,4 +364,31 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     recal = (make_loader(p.train_plain, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed),
              p.recal_batches)
     points = [slim_point(t, p.model, m, dense_costs, config.input_size, recal) for t, m in masks.items()]
-    return write_results(config, points, p.model, p.num_classes)
+    results = write_results(config, points, p.model, p.num_classes)
+    print(result_line(output_dir(config), results.to_dict("records"),
+                      f"result at --{targets[0].kind} {','.join(f'{t.value:g}' for t in targets)}"), flush=True)
+    print(f"next, stage 2 (retraining; top-1 is measured there): "
+          f"{stage2_command(config, point_dir(config, targets[0], len(targets) > 1))}"
+          + (" (or another point's masks.pth)" if len(targets) > 1 else ""), flush=True)
+    return results
+
+
+def claim_output(config: Stage1Config, info: DistInfo) -> Stage1Config:
+    """``config`` with the output folder rank 0 chose (``runs.folders.claim``): ``--save_model_path``, refused when
+    it holds another stage-1 run, or the default folder (or the next free name after it)."""
+    def choose() -> Optional[str]:
+        if not info.is_main:
+            return None
+        return str(claim(output_dir(config), STAGE1_FILES, default=config.save_model_path is None,
+                         flag="--save_model_path", to_continue="stage 1 does not continue runs; its statistics "
+                         f"are reused with --save_statistic_path {output_dir(config)}"))
+
+    return replace(config, save_model_path=from_main_rank(on_every_rank(choose, USER_ERRORS)))
+
+
+def stage2_command(config: Stage1Config, directory: Path) -> str:
+    """The command that retrains the masks in ``directory`` with stage 2, its results in ``directory/retrain``."""
+    words = ["python", "imagenet/imagenet.py", "--dataroot", str(config.dataroot), "--resume",
+             str(directory / MASKS_NAME), "--make-mask", "--input-size", str(config.input_size),
+             "--results_dir", str(directory / "retrain")]
+    return " ".join(shlex.quote(word) for word in words)

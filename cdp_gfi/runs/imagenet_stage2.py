@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import imagenet_datasets
 from ..data.samplers import EpochTaggedSampler, SeededAugmentation, ShardSampler, make_loader
-from ..distributed import DistInfo, barrier, init_distributed, launched_rank, on_every_rank, parse_device
+from ..distributed import (DistInfo, barrier, from_main_rank, init_distributed, launched_rank, on_every_rank,
+                           parse_device)
 from ..files.checkpoint import (
     CheckpointError,
     PathLike,
@@ -46,7 +47,7 @@ from ..files.checkpoint import (
     unwrap_model,
 )
 from ..files.mask_files import MaskFileError, compact_masks, expand_masks
-from ..flops import count_flops, human
+from ..flops import count_flops
 from ..graph.trace import trace
 from ..masks.masked import MaskEnforcer, Masks
 from ..masks.select import apply_masks
@@ -56,7 +57,8 @@ from ..slimming.speedup import slim
 from ..train.loop import evaluate, fit, seed_everything
 from ..train.optim import build_optimizer, build_scheduler
 from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, exit_status, imagenet_model
-from .report import write_summary
+from .folders import claim
+from .report import result_line, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ _REQUIRED = {
     "retrain": ("model_name", "num_classes", "route", "masks", "state_dict", "epoch"),
 }
 CHECKPOINT_NAME, BEST_NAME, SLIM_FINAL_NAME = "checkpoint.pth.tar", "model_best.pth.tar", "slim_final.pth"
+DEFAULT_RESULTS_DIR = "results"
+# A results folder holding any of these holds a run: a fresh run refuses it or takes the next free name
+RESULTS_FILES = (CHECKPOINT_NAME, BEST_NAME, SLIM_FINAL_NAME, "summary.json", "summary.csv", "log.csv")
 _LIST_LIMIT = 8
 
 
@@ -196,19 +201,44 @@ def _slim_final(model: nn.Module, prepared: Prepared, num_classes: int, args: ar
     return net
 
 
-def _final_summary(net: nn.Module, log: Any, prepared: Prepared, args: argparse.Namespace) -> Dict[str, Any]:
-    """Write `summary.json`/`.csv` (top-1, MACs and parameters of the final slim network) and print one line."""
+def _final_summary(net: nn.Module, log: Any, prepared: Prepared, args: argparse.Namespace, num_classes: int
+                   ) -> Dict[str, Any]:
+    """Write `summary.json`/`.csv` (top-1, MACs and parameters of the final slim network, and of the dense network
+    it came from) and print one result line."""
     net = copy.deepcopy(unwrap_model(net)).cpu().to(memory_format=torch.contiguous_format).eval()
-    macs, params = count_flops(net, (3, args.input_size, args.input_size))
+    size = (3, args.input_size, args.input_size)
+    macs, params = count_flops(net, size)
+    dense_macs, dense_params = count_flops(build_model(prepared.model_name, "imagenet", num_classes), size)
     summary = {"model": prepared.model_name, "route": prepared.route, "epochs": int(log.iloc[-1]["epoch"]),
                "final_top1": float(log.attrs["final_top1"]), "best_top1": float(log.attrs["best_top1"]),
                "best_epoch": int(log.attrs["best_epoch"]), "macs": int(macs), "params": int(params),
-               "input_size": args.input_size}
+               "dense_macs": int(dense_macs), "dense_params": int(dense_params), "input_size": args.input_size}
     write_summary(summary, args.results_dir)
-    print(f"final slim {prepared.model_name}: top-1 {summary['final_top1']:.2f}% (best {summary['best_top1']:.2f}% "
-          f"at epoch {summary['best_epoch']}), MACs {human(macs)}, params {human(params)} "
-          f"({args.input_size}x{args.input_size}, conv+linear)", flush=True)
+    row = {"pruned_top1": summary["final_top1"], "macs_before": dense_macs, "macs_after": macs,
+           "params_before": dense_params, "params_after": params}
+    print(result_line(args.results_dir, [row], f"result of the final slim {prepared.model_name} "
+                      f"(best top-1 {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}; "
+                      f"{args.input_size}x{args.input_size}, conv+linear)"), flush=True)
     return summary
+
+
+def claim_results_dir(args: argparse.Namespace, info: DistInfo) -> str:
+    """The folder rank 0 chose for this run's files (``runs.folders.claim``): ``--results_dir``, refused when it
+    holds another run unless ``--resume`` continues the checkpoint in it, or the default ./results (or the next free
+    name after it)."""
+    directory = Path(args.results_dir or DEFAULT_RESULTS_DIR)
+
+    def choose() -> Optional[str]:
+        if not info.is_main:
+            return None
+        resumed = Path(args.resume) if args.resume is not None else None
+        if resumed is not None and resumed.name in (CHECKPOINT_NAME, BEST_NAME) and \
+                resumed.resolve().parent == directory.resolve():
+            return str(directory)  # continuing the run that lives there
+        return str(claim(directory, RESULTS_FILES, default=args.results_dir is None, flag="--results_dir",
+                         to_continue=f"continue it with --resume {directory / CHECKPOINT_NAME}"))
+
+    return from_main_rank(on_every_rank(choose, USER_ERRORS))
 
 
 def _adopt_retrain_checkpoint(prepared: Prepared, results_dir: Path, args: argparse.Namespace,
@@ -242,6 +272,8 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
     """Validate everything (on every rank, agreed under torchrun), then evaluate (`-e`) or train; returns the
     evaluation or the last epoch's log row. After training rank 0 alone slims and writes the summary."""
     info = resolve_device(args)
+    if not args.evaluate:
+        args = argparse.Namespace(**{**vars(args), "results_dir": claim_results_dir(args, info)})
     seed_everything(args.seed)
     train_set, val_set, num_classes, prepared = on_every_rank(lambda: _check_inputs(args, info), USER_ERRORS)
     model = prepared.model
@@ -283,7 +315,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
               train_sampler=sampler, checkpoint_names=(CHECKPOINT_NAME, BEST_NAME), log_interval=args.log_interval)
     if info.is_main:
         final = _slim_final(model, prepared, num_classes, args) if prepared.route == "masked" else model
-        _final_summary(final, log, prepared, args)
+        _final_summary(final, log, prepared, args, num_classes)
     return log.iloc[-1].to_dict()
 
 
@@ -308,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm_lr", type=float, default=None, help="warmup start LR (default lr/10)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate on val/; writes nothing")
-    p.add_argument("--results_dir", default="./results")
+    p.add_argument("--results_dir", help=f"where checkpoints, log and summary go (default ./{DEFAULT_RESULTS_DIR}, "
+                                          "or its next free name ...-2 when it holds another run); a folder holding "
+                                          "another run is refused unless --resume continues its checkpoint")
     p.add_argument("--start-epoch", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-size", type=int, default=224)

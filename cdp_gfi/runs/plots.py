@@ -1,8 +1,9 @@
 """The figures researchers compare pruning tools by, as PNG files (matplotlib, no display needed).
 
-- ``plot_pruning_effect``: a sweep's effect against the pruning fraction,
+- ``plot_pruning_effect``: a sweep's effect against the requested targets,
   GFI-AP style (threshold, MACs and parameters retained, accuracy after
-  pruning and after fine-tuning, seconds per point);
+  pruning, after BatchNorm re-estimation and after fine-tuning, seconds per
+  point; constant panels left out);
 - ``plot_kept_filters``: filters kept of each pruned layer of one run;
 - ``plot_accuracy_vs_macs``: accuracy against MACs for several methods.
 
@@ -24,10 +25,13 @@ EFFECT_PANELS = (
     ("macs_retained_pct", "MACs retained (%)"),
     ("params_retained_pct", "parameters retained (%)"),
     ("pruned_top1_before_finetune", "top-1 after pruning (%)"),
+    ("pruned_top1_recalibrated", "top-1 after BN re-estimation (%)"),
     ("pruned_top1", "top-1 after fine-tuning (%)"),
     ("point_time_s", "time per point (s)"),
 )
-PRUNING_FRACTION = "pruning fraction (filters removed)"
+# x label per sweep target: the requested values, as the user typed them
+TARGET_LABELS = {"sparsity": "requested sparsity (fraction of filters removed)",
+                 "flops_reduction": "requested MACs reduction (fraction)"}
 
 
 def _save(figure: Figure, path: Optional[PathLike]) -> Figure:
@@ -38,19 +42,29 @@ def _save(figure: Figure, path: Optional[PathLike]) -> Figure:
     return figure
 
 
-def plot_pruning_effect(sweep: pd.DataFrame, path: Optional[PathLike] = None, title: str = "Pruning effect"
-                        ) -> Figure:
-    """Six panels against the fraction of filters removed, one point per row of ``sweep`` (``sweep.csv``)."""
+def varies(values: pd.Series) -> bool:
+    """Whether a panel of ``values`` would show anything: at least two distinct values that are not NaN."""
+    return values.dropna().nunique() > 1
+
+
+def plot_pruning_effect(sweep: pd.DataFrame, path: Optional[PathLike] = None, title: str = "Pruning effect",
+                        target: str = "sparsity") -> Figure:
+    """Panels against the requested ``target`` ("sparsity" or "flops_reduction"), one point per row of
+    ``sweep`` (``sweep.csv``); a panel whose values do not vary (or are missing) is left out."""
     frame = sweep.assign(macs_retained_pct=100.0 - sweep["macs_reduction_pct"],
-                         params_retained_pct=100.0 - sweep["params_reduction_pct"]).sort_values("filters_removed_pct")
-    x = frame["filters_removed_pct"] / 100.0
-    figure = Figure(figsize=(12, 7), layout="constrained")
-    axes = figure.subplots(2, 3)
-    for ax, (column, label) in zip(axes.flat, EFFECT_PANELS):
-        ax.plot(x, frame[column], marker="o")
-        ax.set_xlabel(PRUNING_FRACTION)
+                         params_retained_pct=100.0 - sweep["params_reduction_pct"]).sort_values(target)
+    panels = [(column, label) for column, label in EFFECT_PANELS if column in frame and varies(frame[column])]
+    columns = min(3, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    figure = Figure(figsize=(4 * columns, 3.5 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).flat
+    for (column, label), ax in zip(panels, axes):  # panels first: zip takes no axis beyond the last panel
+        ax.plot(frame[target], frame[column], marker="o")
+        ax.set_xlabel(TARGET_LABELS[target])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    for ax in list(axes):
+        figure.delaxes(ax)
     figure.suptitle(title)
     return _save(figure, path)
 

@@ -1,7 +1,8 @@
 """What a pruning run reports: kept filters per layer, MACs and parameters before/after, and the run summary.
 
 Tables go to stdout and to CSV (pandas); the summary to ``summary.json`` and a
-one-row ``summary.csv``. MACs are counted in both conventions of ``flops``:
+one-row ``summary.csv``; the result, rounded, to one printed line (``result_line``).
+MACs are counted in both conventions of ``flops``:
 conv + linear (the papers' "FLOPs") and ptflops (GFI-AP's).
 """
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 import pandas as pd
 import torch
 from torch import nn
 
 from ..files.checkpoint import PathLike, atomic_open
-from ..flops import CONVENTIONS, count_flops
+from ..flops import CONVENTIONS, count_flops, human
 
 Costs = Dict[str, Tuple[int, int]]  # convention -> (MACs, params)
 
@@ -83,3 +84,24 @@ def write_summary(summary: Mapping[str, Any], directory: PathLike) -> Tuple[Path
     with atomic_open(csv_path, "w") as handle:
         pd.DataFrame([dict(summary)]).to_csv(handle, index=False)
     return json_path, csv_path
+
+
+def _joined(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    return " / ".join(fmt(v) for v in values)
+
+
+def result_line(folder: PathLike, rows: Sequence[Mapping[str, Any]], label: str = "result") -> str:
+    """A run's result on one line, rounded (the files keep full precision): baseline -> pruned top-1, MACs and
+    parameters before -> after, and the folder. ``rows``: one summary record per point (a sweep gives several);
+    keys ``baseline_top1``/``pruned_top1`` are left out where not measured. ``label`` starts the line."""
+    first = rows[0]
+    parts = []
+    if all(row.get("pruned_top1") is not None for row in rows):
+        before = f"{first['baseline_top1']:.2f}% -> " if first.get("baseline_top1") is not None else ""
+        parts.append(f"top-1 {before}{_joined([r['pruned_top1'] for r in rows], '{:.2f}'.format)}%")
+    for what, key in (("MACs", "macs"), ("params", "params")):
+        after = [r[f"{key}_after"] for r in rows]
+        removed = [_reduction(r[f"{key}_before"], r[f"{key}_after"]) for r in rows]
+        parts.append(f"{what} {human(first[f'{key}_before'])} -> {_joined(after, human)} "
+                     f"({_joined(removed, '{:.1f}'.format)}% removed)")
+    return f"{label}: {'; '.join(parts)}; files in {folder}"

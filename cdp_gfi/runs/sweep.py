@@ -17,12 +17,12 @@ from ..graph.trace import trace
 from ..masks.select import check_fraction
 from ..scores.importance import scores_from_statistics
 from ..train.loop import seed_everything
-from .cifar import Session, open_session, run_point
+from .cifar import Session, claim_folder, open_session, run_point
 from .cifar_config import PruneConfig, resolve
 from .cifar_steps import _dummy, gather_statistics, record_arguments
 from .imagenet_stage2 import load_pruned_checkpoint
-from .plots import plot_kept_filters, plot_pruning_effect
-from .report import write_table
+from .plots import plot_pruning_effect
+from .report import result_line, write_table
 
 
 def sweep(config: PruneConfig, targets: Sequence[float]) -> pd.DataFrame:
@@ -30,13 +30,14 @@ def sweep(config: PruneConfig, targets: Sequence[float]) -> pd.DataFrame:
 
     Each point runs like a single run in ``save_dir/point_<target>/``; then
     ``sweep.csv`` (one summary row per point, plus the selection's score
-    threshold and the point's seconds) and ``sweep.png`` (the pruning effect)
-    go to ``save_dir``. With ``resume``, finished points are kept and the
-    others continue.
+    threshold and the point's seconds) and ``sweep.png`` (the pruning effect
+    against the requested targets) go to ``save_dir``, and one result line is
+    printed. The folder is claimed as a single run's is (``claim_folder``).
+    With ``resume``, finished points are kept and the others continue.
     """
     key = "sparsity" if config.sparsity is not None else "flops_reduction"
     targets = [check_fraction(t, f"--{key}") for t in targets]
-    config = resolve(replace(config, **{key: targets[0]}))
+    config = resolve(claim_folder(replace(config, **{key: targets[0]})))
     session = open_session(config, lambda save_dir: record_arguments(config, save_dir, {key: targets}))
     seed_everything(config.seed)
     graph = trace(session.baseline, _dummy(config))
@@ -49,7 +50,8 @@ def sweep(config: PruneConfig, targets: Sequence[float]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     write_table(frame, Path(config.save_dir) / "sweep.csv", f"Sweep over --{key}")
     plot_pruning_effect(frame, Path(config.save_dir) / "sweep.png",
-                        f"{config.method} on {config.model} / {config.dataset}")
+                        f"{config.method} on {config.model} / {config.dataset}", target=key)
+    print(result_line(config.save_dir, rows, f"result at --{key} {','.join(f'{t:g}' for t in targets)}"), flush=True)
     return frame
 
 
@@ -65,14 +67,14 @@ def sweep_point(config: PruneConfig, session: Session, scores: Dict[str, torch.T
         print(f"sweep: {save_dir.name} already finished", flush=True)
     else:
         summary = run_point(config, session, time.perf_counter())
-        plot_kept_filters(pd.read_csv(save_dir / "layers.csv"), save_dir / "layers.png",
-                          f"{config.method} on {config.model}, {save_dir.name}")
     _, ckpt = load_pruned_checkpoint(save_dir / "pruned.pth")
-    return {**summary, "threshold": selection_threshold(scores, kept_vectors(ckpt["masks"])),
-            "point_time_s": summary["wall_time_s"]}
+    ranked_as_scored = config.normalize == "none" and not config.cost_power
+    threshold = selection_threshold(scores, kept_vectors(ckpt["masks"])) if ranked_as_scored else float("nan")
+    return {**summary, "threshold": threshold, "point_time_s": summary["wall_time_s"]}
 
 
 def selection_threshold(scores: Dict[str, torch.Tensor], keep: Dict[str, torch.Tensor]) -> float:
-    """The score threshold a selection used: the highest score among removed filters (GFI-AP's T)."""
+    """The score threshold a selection used: the highest score among removed filters (GFI-AP's T). Meaningful
+    where filters are ranked by these scores as they are (no normalisation, no MACs cost); NaN is written else."""
     removed = [scores[name][~k] for name, k in keep.items() if (~k).any()]
     return float(torch.cat(removed).max()) if removed else float("nan")

@@ -20,20 +20,15 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
-warnings.filterwarnings("ignore", message=".*already registered as pytree node")
-warnings.filterwarnings("ignore", message=".*Running trial code without runtime")
+import nni
 
-import nni  # noqa: E402
-
-from .cli import OneLineParser, exit_status  # noqa: E402
+from .cli import OneLineParser, exit_status
 from .cifar_config import DATASETS, PruneConfig, check, resolve
-from .cifar import run  # noqa: E402
+from .cifar import claim_folder, run
 
 # What a search space may set, with its type; the command line gives the defaults.
 TUNABLE: Dict[str, type] = {
@@ -108,7 +103,7 @@ def trial_config(args: argparse.Namespace, params: Mapping[str, Any]) -> PruneCo
     if "save_dir" not in fixed and output:
         fixed["save_dir"] = str(Path(output) / "prune")
     try:
-        config = resolve(PruneConfig(**{**fixed, **tuned}))
+        config = resolve(claim_folder(PruneConfig(**{**fixed, **tuned})))
         check(config)
     except ValueError as err:
         raise ValueError(f"trial parameters {dict(params)}: {err}" if params else str(err)) from err

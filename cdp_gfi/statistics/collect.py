@@ -234,8 +234,7 @@ def drive_evaluator(evaluator, model: nn.Module, step, max_steps: int) -> None:
 def _run_pass(model, data, acc, stop_batch, device, needs_labels, k, progress, desc):
     counts = torch.zeros(k, dtype=torch.long, device=device)
     seen = {"images": 0, "batches": 0}
-    bar = tqdm(total=stop_batch if stop_batch is not None else _len_or_none(data),
-               desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=_pass_length(data, stop_batch), desc=desc, disable=not progress, leave=False)
 
     def step(batch):
         x, y = _split_batch(batch)
@@ -283,6 +282,14 @@ def _len_or_none(loader):
         return len(loader)
     except TypeError:
         return None
+
+
+def _pass_length(data, stop_batch: Optional[int]) -> Optional[int]:
+    """The batches a pass reads, for its progress bar: ``stop_batch``, or fewer when the data gives fewer."""
+    available = None if _is_evaluator(data) else _len_or_none(data)
+    if stop_batch is None or available is None:
+        return stop_batch if stop_batch is not None else available
+    return min(stop_batch, available)
 
 
 def _finish_first_pass(acc, layers, modules, counts, n_images, k, kinds, meta) -> Statistics:

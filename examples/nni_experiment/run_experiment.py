@@ -15,17 +15,14 @@ import shlex
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # NNI's import-time deprecation chatter
+import pandas as pd
+from nni.experiment import Experiment
+from nni.experiment.data import TrialJob
 
-import pandas as pd  # noqa: E402
-from nni.experiment import Experiment  # noqa: E402
-from nni.experiment.data import TrialJob  # noqa: E402
-
-from cdp_gfi.runs.trial import flatten  # noqa: E402
+from cdp_gfi.runs.trial import flatten
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
