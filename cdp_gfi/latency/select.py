@@ -1,0 +1,181 @@
+"""Selection for a latency target: spend the budget where the criterion's scores lose least per saved second.
+
+A greedy over units: each step removes a unit's lowest-scored groups down to
+its next width (one group, or the next grid width when the curve is flat
+until there), choosing the move with the least score lost per second the
+latency table says it saves. Within a unit the criterion's order is kept.
+The slim network is then timed end to end and the target the table is asked
+for corrected (secant steps) until the measured reduction is within
+``tolerance`` of the one wanted.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph.groups import Unit
+from ..graph.trace import ModelGraph
+from ..masks.select import (Keep, Scores, _keep_each_conv, check_fraction, expand_units, ranked_unit_scores,
+                            round_up, to_nni_masks)
+from ..slimming.speedup import slim
+from .table import Curve, LatencyTable, latency_table
+from .timing import BenchmarkTimer, Timer, resolve_device
+
+Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
+
+
+@dataclass
+class LatencyResult:
+    """The selection, the measured reduction it reached, and every (asked, measured) try of the correction."""
+
+    keep: Keep
+    measured: float
+    dense_seconds: float
+    slim_seconds: float
+    tries: List[Tuple[float, float]] = field(default_factory=list)
+    table: Optional[LatencyTable] = None
+
+
+def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors: Dict[str, int]) -> List[Move]:
+    """The greedy's moves, cheapest score lost per second saved first; ``costs[u]`` in removal order."""
+    values = {u: np.interp(np.arange(len(c) + 1), curves[u].widths, curves[u].seconds) for u, c in costs.items()}
+    prefix = {u: np.concatenate([[0.0], np.cumsum(c)]) for u, c in costs.items()}
+    kept = {u: len(c) for u, c in costs.items()}
+    order = {u: i for i, u in enumerate(costs)}
+
+    def best_move(u: str):
+        k, n = kept[u], len(costs[u])
+        options = {k - 1} | {w for w in curves[u].widths if w < k}
+        moves = []
+        for k2 in options:
+            gain = values[u][k] - values[u][k2]
+            if k2 >= floors[u] and gain > 0:
+                ratio = float(f"{(prefix[u][n - k2] - prefix[u][n - k]) / gain:.12g}")  # equal up to rounding
+                moves.append((ratio, order[u], -k2, gain))  # ties: the earlier unit, the smaller step
+        return min(moves) if moves else None
+
+    candidates = {u: best_move(u) for u in costs}
+    path, saved = [], 0.0
+    while any(m is not None for m in candidates.values()):
+        u = min((u for u, m in candidates.items() if m is not None), key=lambda u: candidates[u])
+        _, _, neg_k2, gain = candidates[u]
+        k2 = -neg_k2
+        saved += gain
+        kept[u] = k2
+        path.append((u, k2, saved))
+        candidates[u] = best_move(u)
+    return path
+
+
+def kept_for(path: List[Move], sizes: Dict[str, int], seconds: float) -> Dict[str, int]:
+    """Kept groups per unit after the fewest moves saving at least ``seconds`` (all moves if none does)."""
+    kept, reached = dict(sizes), 0.0
+    for u, k, saved in path:
+        if reached >= seconds:
+            break
+        kept[u], reached = k, saved
+    return kept
+
+
+def _removal_order(score: torch.Tensor, tie: Optional[torch.Tensor]) -> List[int]:
+    """A unit's groups, least important first (score, tie-break key, index), as the global ranking orders them."""
+    t = tie if tie is not None else torch.zeros_like(score)
+    return sorted(range(score.numel()), key=lambda i: (float(score[i]), float(t[i]), i))
+
+
+def _floors(units: Dict[str, Unit], max_layer_sparsity: Optional[float]) -> Dict[str, int]:
+    """Fewest groups each unit keeps: at least one, and what the per-layer cap holds back."""
+    out = {}
+    for name, unit in units.items():
+        n = len(unit.groups)
+        out[name] = 1 if max_layer_sparsity is None else max(1, n - math.floor(max_layer_sparsity * n))
+    return out
+
+
+def time_slim(model: nn.Module, keep: Keep, dummy_input: torch.Tensor, example: torch.Tensor, timer: Timer,
+              device: torch.device, leaf_modules: Sequence = ()) -> float:
+    """Seconds the network slimmed by ``keep`` takes on ``example`` (a copy is slimmed; ``model`` stays)."""
+    twin = copy.deepcopy(model).eval()
+    slim(twin, to_nni_masks(twin, keep), dummy_input[:1], leaf_modules=leaf_modules)
+    return timer(twin.to(device), example)
+
+
+def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, reduction: float,
+                       model: nn.Module, graph: ModelGraph, units: Dict[str, Unit], dummy_input: torch.Tensor,
+                       device: Optional[str] = None, batch: int = 1, timer: Optional[Timer] = None,
+                       cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
+                       normalization: str = "none", cost_power: float = 0.0, convention: str = "conv-linear",
+                       tolerance: float = 0.02, max_tries: int = 6) -> LatencyResult:
+    """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
+    at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
+
+    ``scores`` are per conv of ``units``; the table is measured once per key and cached in ``cache_dir``.
+    """
+    check_fraction(reduction, "latency_reduction")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"latency_batch must be a positive integer, got {batch!r}")
+    if max_layer_sparsity is not None:
+        check_fraction(max_layer_sparsity, "max_layer_sparsity")
+    dev = resolve_device(device, next(model.parameters()).device)
+    timer = timer or BenchmarkTimer()
+    dtype = next(model.parameters()).dtype
+    example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
+    table = latency_table(model, graph, units, example, timer, dev, cache_dir)
+
+    sizes = {name: s.numel() for name, s in scores.items()}
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
+    orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
+    floor = min(float(s.min()) for s in u_scores.values())
+    costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
+    path = removal_path(table.curves, costs, _floors(units, max_layer_sparsity))
+    n_groups = {u: len(unit.groups) for u, unit in units.items()}
+    reachable = path[-1][2] / table.dense if path else 0.0
+
+    def pick(asked: float) -> Keep:
+        kept = kept_for(path, n_groups, asked * table.dense)
+        chosen = {}
+        for u, k in kept.items():
+            keep = torch.ones(n_groups[u], dtype=torch.bool)
+            keep[orders[u][: n_groups[u] - k]] = False
+            chosen[u] = keep
+        chosen = _keep_each_conv(units, chosen, u_scores)
+        if round_to:
+            chosen = round_up(units, chosen, u_scores, round_to)
+        return expand_units(units, chosen, sizes)
+
+    dense = timer(copy.deepcopy(model).to(dev).eval(), example)
+    tries: List[Tuple[float, float, Keep, float]] = []
+    asked = reduction
+    for _ in range(max_tries):
+        asked = min(max(asked, 0.0), reachable)
+        keep = pick(asked)
+        seconds = time_slim(model, keep, dummy_input, example, timer, dev, graph.leaf_modules)
+        tries.append((asked, 1.0 - seconds / dense, keep, seconds))
+        if abs(tries[-1][1] - reduction) <= tolerance:
+            break
+        if asked >= reachable and tries[-1][1] < reduction:
+            break
+        asked = _next_ask(tries, reduction)
+    best = min(tries, key=lambda t: abs(t[1] - reduction))
+    if abs(best[1] - reduction) > tolerance:
+        why = (f"closest reachable: {best[1]:.2%}, with every prunable group the table can spare"
+               if tries[-1][0] >= reachable else f"closest measured in {len(tries)} tries: {best[1]:.2%}")
+        raise ValueError(f"cannot cut the measured latency by {reduction:.2%} by pruning these layers ({why}); "
+                         "widen the scope, raise the per-layer cap (--max_layer_sparsity) or change the target")
+    return LatencyResult(best[2], best[1], dense, best[3], [(a, m) for a, m, _, _ in tries], table)
+
+
+def _next_ask(tries: List[Tuple[float, float, Keep, float]], wanted: float) -> float:
+    """The next reduction to ask the table for: a secant through the last two tries, else a shift by the miss."""
+    a1, m1 = tries[-1][0], tries[-1][1]
+    if len(tries) > 1:
+        a0, m0 = tries[-2][0], tries[-2][1]
+        if a1 != a0 and (m1 - m0) / (a1 - a0) > 0:
+            return a1 + (wanted - m1) * (a1 - a0) / (m1 - m0)
+    return a1 + (wanted - m1)
