@@ -11,6 +11,7 @@ from cdp_gfi import CDPPruner
 from cdp_gfi.graph.scope import prunable_units
 from cdp_gfi.graph.trace import trace
 from cdp_gfi.latency import table as table_module
+from cdp_gfi.latency.report import latency_summary
 from cdp_gfi.latency.select import removal_path, select_for_latency
 from cdp_gfi.latency.table import Curve, cache_file, cache_key, latency_table
 from cdp_gfi.latency.timing import BenchmarkTimer
@@ -193,3 +194,12 @@ def test_real_timer_smoke(tmp_path):
     result = run(tmp_path, BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1), 0.3, tolerance=1.0, max_tries=1)
     assert result.dense_seconds > 0 and result.slim_seconds > 0
     assert all(s > 0 for c in result.table.curves.values() for s in c.seconds)
+
+
+def test_latency_summary_fields():
+    fields = latency_summary(Tiny(), (3, 16, 16), batches=(1, 2), prefix="slim_", threads=1, min_run_time=0.01)
+    assert fields["latency_threads"] == 1 and fields["latency_device"].startswith("cpu")
+    assert fields["slim_latency_ms_b1"] > 0 and fields["slim_latency_ms_b2"] > 0
+    assert fields["slim_latency_iqr_ms_b2"] >= 0
+    with pytest.raises(ValueError, match="latency batch sizes must be positive integers"):
+        latency_summary(Tiny(), (3, 16, 16), batches=(0,))

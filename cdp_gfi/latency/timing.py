@@ -33,11 +33,15 @@ class BenchmarkTimer:
         self.min_run_time, self.warmup = min_run_time, warmup
 
     @torch.no_grad()
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+    def measurement(self, module: nn.Module, x: torch.Tensor) -> benchmark.Measurement:
+        """All timed blocks (median, interquartile range, ...) after ``warmup`` untimed calls."""
         for _ in range(self.warmup):
             module(x)
         timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=self.threads)
-        return float(timer.blocked_autorange(min_run_time=self.min_run_time).median)
+        return timer.blocked_autorange(min_run_time=self.min_run_time)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        return float(self.measurement(module, x).median)
 
 
 def resolve_device(name: Optional[str], fallback: torch.device) -> torch.device:
