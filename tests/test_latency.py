@@ -68,8 +68,9 @@ def setup(seed=0):
     return model, dummy, graph, units, scores
 
 
-def run(tmp_path, timer, reduction=0.3, **kw):
-    model, dummy, graph, units, scores = setup()
+def run(tmp_path, timer, reduction=0.3, scores=None, **kw):
+    model, dummy, graph, units, random_scores = setup()
+    scores = scores or random_scores
     return select_for_latency(scores, reduction=reduction, model=model, graph=graph, units=units,
                               dummy_input=dummy, timer=timer, cache_dir=tmp_path, **kw)
 
@@ -98,6 +99,17 @@ def test_selection_meets_the_budget(tmp_path):
     kept = {c: int(k.sum()) for c, k in result.keep.items()}
     assert set(kept) == {"features.0.0", "features.1.0", "features.2.0", "features.3.0"}
     assert all(k >= 1 for k in kept.values())
+
+
+def test_selection_spends_the_budget_where_a_channel_saves_most(tmp_path):
+    # with 3x3 MACs 4x dearer, a channel of features.0.0 saves 1260 MAC-units a position, the others 608-1152
+    widths = {"features.0.0": 16, "features.1.0": 32, "features.2.0": 32, "features.3.0": 16}
+    flat = {c: torch.ones(n) for c, n in widths.items()}
+    kept = {c: int(k.sum()) for c, k in run(tmp_path, FakeTimer(k3=4.0), 0.3, flat).keep.items()}
+    assert kept["features.0.0"] < 16 and all(kept[c] == n for c, n in widths.items() if c != "features.0.0")
+    precious = {**flat, "features.0.0": torch.full((16,), 10.0)}  # now its channels lose 10x more score
+    kept = {c: int(k.sum()) for c, k in run(tmp_path, FakeTimer(k3=4.0), 0.3, precious).keep.items()}
+    assert kept["features.0.0"] == 16
 
 
 def test_end_to_end_correction_converges(tmp_path):
@@ -141,6 +153,8 @@ def test_cache_key_changes_with_what_the_table_depends_on(monkeypatch):
         assert cache_key(graph, units, (1, 3, 16, 16), cpu, torch.float32, timer) != base
     finally:
         torch.set_num_threads(threads)
+    one, two = (cache_key(graph, units, (1, 3, 16, 16), cpu, torch.float32, BenchmarkTimer(threads=n)) for n in (1, 2))
+    assert one["threads"] == 1 and two["threads"] == 2
     monkeypatch.setattr(table_module, "device_name", lambda device: "another cpu")
     assert cache_key(graph, units, (1, 3, 16, 16), cpu, torch.float32, timer) != base
     monkeypatch.setattr(torch, "__version__", "9.9.9")

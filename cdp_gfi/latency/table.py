@@ -155,8 +155,9 @@ def _structure(graph: ModelGraph, units: Dict[str, Unit]) -> str:
 def cache_key(graph: ModelGraph, units: Dict[str, Unit], input_shape: Sequence[int], device: torch.device,
               dtype: torch.dtype, timer: Timer, grid: Sequence[float] = GRID) -> Dict[str, Any]:
     """Everything a measured table depends on; a table is reused only under an equal key."""
+    threads = (getattr(timer, "threads", None) or torch.get_num_threads()) if device.type == "cpu" else None
     return {"format": FORMAT, "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype),
-            "input": list(input_shape), "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "input": list(input_shape), "threads": threads,
             "timer": timer.name, "grid": list(grid), "network": _structure(graph, units)}
 
 

@@ -16,7 +16,8 @@ from torch.utils import benchmark
 
 
 class Timer(Protocol):
-    """Median seconds of ``module(x)``; ``name`` enters the cache key so tables of different timers never mix."""
+    """Median seconds of ``module(x)``; ``name`` (and ``threads``, where a timer has it) enter the cache key,
+    so tables of different timers never mix."""
 
     name: str
 
