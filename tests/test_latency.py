@@ -166,6 +166,23 @@ def test_unreachable_target_names_the_closest_reachable(tmp_path):
         run(tmp_path, FakeTimer(), 0.9, max_layer_sparsity=0.5)
 
 
+class JitteryTimer(FakeTimer):
+    """A whole network takes 1x to 3x its fake time, at random: a machine too loaded to time on."""
+
+    def __init__(self):
+        super().__init__()
+        self.draw = np.random.default_rng(0)
+
+    def __call__(self, module, x):
+        seconds = super().__call__(module, x)
+        return seconds * self.draw.uniform(1.0, 3.0) if isinstance(module, Tiny) else seconds
+
+
+def test_timings_that_never_settle_say_so(tmp_path):
+    with pytest.raises(ValueError, match=r"did not settle within 2 points of 30.00% in 3 tries.*vary too much"):
+        run(tmp_path, JitteryTimer(), 0.3, max_tries=3, rounds=1)
+
+
 def test_missing_device_and_bad_batch(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="latency device 'cuda' is not there"):
@@ -186,6 +203,8 @@ def test_pruner_refuses_two_targets_and_a_missing_device():
         CDPPruner(Tiny().eval(), config, loader(), latency_reduction=0.3, flops_reduction=0.3)
     with pytest.raises(ValueError, match="latency_reduction must lie strictly between 0 and 1"):
         CDPPruner(Tiny().eval(), config, loader(), latency_reduction=1.5)
+    with pytest.raises(ValueError, match="latency_batch must be a positive integer, got 0"):
+        CDPPruner(Tiny().eval(), config, loader(), latency_reduction=0.3, latency_batch=0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not there"):
             CDPPruner(Tiny().eval(), config, loader(), latency_reduction=0.3, latency_device="cuda")
@@ -205,7 +224,8 @@ def test_pruner_meets_a_latency_target(tmp_path, monkeypatch):
 
 
 def test_real_timer_smoke(tmp_path):
-    result = run(tmp_path, BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1), 0.3, tolerance=1.0, max_tries=1)
+    result = run(tmp_path, BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1), 0.3, tolerance=1.0, max_tries=1,
+                 rounds=1)
     assert result.dense_seconds > 0 and result.slim_seconds > 0
     assert all(s > 0 for c in result.table.curves.values() for s in c.seconds)
 
@@ -215,5 +235,5 @@ def test_latency_summary_fields():
     assert fields["latency_threads"] == 1 and fields["latency_device"].startswith("cpu")
     assert fields["slim_latency_ms_b1"] > 0 and fields["slim_latency_ms_b2"] > 0
     assert fields["slim_latency_iqr_ms_b2"] >= 0
-    with pytest.raises(ValueError, match="latency batch sizes must be positive integers"):
+    with pytest.raises(ValueError, match="a latency batch size must be a positive integer"):
         latency_summary(Tiny(), (3, 16, 16), batches=(0,))

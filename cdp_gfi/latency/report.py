@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .timing import BenchmarkTimer, device_name, resolve_device
+from .timing import BenchmarkTimer, check_batch, device_name, resolve_device
 
 
 def latency_summary(model: nn.Module, input_size: Sequence[int], device: Optional[str] = None,
@@ -15,8 +15,8 @@ def latency_summary(model: nn.Module, input_size: Sequence[int], device: Optiona
                     min_run_time: float = 1.0) -> Dict[str, Any]:
     """Flat ``summary.json`` / ``results.csv`` fields: ``{prefix}latency_ms_b{N}`` (median) and
     ``{prefix}latency_iqr_ms_b{N}`` per batch, with the device and threads they were measured on."""
-    if any(not isinstance(b, int) or b < 1 for b in batches):
-        raise ValueError(f"latency batch sizes must be positive integers, got {list(batches)!r}")
+    for b in batches:
+        check_batch(b, "a latency batch size")
     param = next(model.parameters())
     dev = resolve_device(device, param.device)
     timer = BenchmarkTimer(threads, min_run_time)

@@ -4,9 +4,9 @@ A greedy over units: each step removes a unit's lowest-scored groups down to
 its next width (one group, or the next grid width when the curve is flat
 until there), choosing the move with the least score lost per second the
 latency table says it saves. Within a unit the criterion's order is kept.
-The slim network is then timed end to end and the target the table is asked
-for corrected (secant steps) until the measured reduction is within
-``tolerance`` of the one wanted.
+The slim network is then timed end to end and the reduction asked of the
+table corrected (between the nearest tries on either side) until the
+measured one is within ``tolerance`` of the one wanted.
 """
 from __future__ import annotations
 
@@ -25,9 +25,20 @@ from ..masks.select import (Keep, Scores, _keep_each_conv, check_fraction, expan
                             round_up, to_nni_masks)
 from ..slimming.speedup import slim
 from .table import Curve, LatencyTable, latency_table
-from .timing import BenchmarkTimer, Timer, resolve_device
+from .timing import BenchmarkTimer, Timer, check_batch, resolve_device
 
 Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
+
+
+@dataclass
+class Try:
+    """One round of the correction: the reduction asked of the table, the one measured, what was timed."""
+
+    asked: float
+    measured: float
+    keep: Keep
+    dense: float
+    slim: float
 
 
 @dataclass
@@ -98,12 +109,18 @@ def _floors(units: Dict[str, Unit], max_layer_sparsity: Optional[float]) -> Dict
     return out
 
 
-def time_slim(model: nn.Module, keep: Keep, dummy_input: torch.Tensor, example: torch.Tensor, timer: Timer,
-              device: torch.device, leaf_modules: Sequence = ()) -> float:
-    """Seconds the network slimmed by ``keep`` takes on ``example`` (a copy is slimmed; ``model`` stays)."""
+def slimmed_copy(model: nn.Module, keep: Keep, dummy_input: torch.Tensor, leaf_modules: Sequence = ()) -> nn.Module:
+    """A copy of ``model`` slimmed by ``keep`` (``model`` stays as it is)."""
     twin = copy.deepcopy(model).eval()
-    slim(twin, to_nni_masks(twin, keep), dummy_input[:1], leaf_modules=leaf_modules)
-    return timer(twin.to(device), example)
+    return slim(twin, to_nni_masks(twin, keep), dummy_input[:1], leaf_modules=leaf_modules)
+
+
+def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, timer: Timer,
+              rounds: int = 3) -> Tuple[float, float]:
+    """Median seconds of the dense and the slim network, timed in alternation so that load drifts hit both."""
+    pairs = [(timer(dense, example), timer(slim_model, example)) for _ in range(rounds)]
+    ratios = sorted(range(rounds), key=lambda i: pairs[i][1] / pairs[i][0])
+    return pairs[ratios[rounds // 2]]
 
 
 def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, reduction: float,
@@ -111,15 +128,15 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                        device: Optional[str] = None, batch: int = 1, timer: Optional[Timer] = None,
                        cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
                        normalization: str = "none", cost_power: float = 0.0, convention: str = "conv-linear",
-                       tolerance: float = 0.02, max_tries: int = 6) -> LatencyResult:
+                       tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3) -> LatencyResult:
     """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
     at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
 
     ``scores`` are per conv of ``units``; the table is measured once per key and cached in ``cache_dir``.
+    Each try times the dense and the slim network ``rounds`` times in alternation (the median ratio counts).
     """
     check_fraction(reduction, "latency_reduction")
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"latency_batch must be a positive integer, got {batch!r}")
+    check_batch(batch)
     if max_layer_sparsity is not None:
         check_fraction(max_layer_sparsity, "max_layer_sparsity")
     dev = resolve_device(device, next(model.parameters()).device)
@@ -149,33 +166,42 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
             chosen = round_up(units, chosen, u_scores, round_to)
         return expand_units(units, chosen, sizes)
 
-    dense = timer(copy.deepcopy(model).to(dev).eval(), example)
-    tries: List[Tuple[float, float, Keep, float]] = []
+    dense_model = copy.deepcopy(model).to(dev).eval()
+    tries: List[Try] = []
     asked = reduction
     for _ in range(max_tries):
         asked = min(max(asked, 0.0), reachable)
         keep = pick(asked)
-        seconds = time_slim(model, keep, dummy_input, example, timer, dev, graph.leaf_modules)
-        tries.append((asked, 1.0 - seconds / dense, keep, seconds))
-        if abs(tries[-1][1] - reduction) <= tolerance:
+        slim_model = slimmed_copy(model, keep, dummy_input, graph.leaf_modules).to(dev)
+        dense, seconds = time_pair(dense_model, slim_model, example, timer, rounds)
+        tries.append(Try(asked, 1.0 - seconds / dense, keep, dense, seconds))
+        if abs(tries[-1].measured - reduction) <= tolerance:
             break
-        if asked >= reachable and tries[-1][1] < reduction:
+        if asked >= reachable and tries[-1].measured < reduction:
             break
         asked = _next_ask(tries, reduction)
-    best = min(tries, key=lambda t: abs(t[1] - reduction))
-    if abs(best[1] - reduction) > tolerance:
-        why = (f"closest reachable: {best[1]:.2%}, with every prunable group the table can spare"
-               if tries[-1][0] >= reachable else f"closest measured in {len(tries)} tries: {best[1]:.2%}")
-        raise ValueError(f"cannot cut the measured latency by {reduction:.2%} by pruning these layers ({why}); "
-                         "widen the scope, raise the per-layer cap (--max_layer_sparsity) or change the target")
-    return LatencyResult(best[2], best[1], dense, best[3], [(a, m) for a, m, _, _ in tries], table)
+    best = min(tries, key=lambda t: abs(t.measured - reduction))
+    if abs(best.measured - reduction) > tolerance:
+        if tries[-1].asked < reachable:
+            raise ValueError(f"the measured latency reduction did not settle within {100 * tolerance:g} points of "
+                             f"{reduction:.2%} in {len(tries)} tries (closest: {best.measured:.2%}): timings on "
+                             "this device vary too much; time on a quieter machine or with more rounds")
+        raise ValueError(f"cannot cut the measured latency by {reduction:.2%} by pruning these layers (closest "
+                         f"reachable: {best.measured:.2%}); widen the scope, raise the per-layer cap "
+                         "(--max_layer_sparsity) or change the target")
+    return LatencyResult(best.keep, best.measured, best.dense, best.slim, [(t.asked, t.measured) for t in tries],
+                         table)
 
 
-def _next_ask(tries: List[Tuple[float, float, Keep, float]], wanted: float) -> float:
-    """The next reduction to ask the table for: a secant through the last two tries, else a shift by the miss."""
-    a1, m1 = tries[-1][0], tries[-1][1]
-    if len(tries) > 1:
-        a0, m0 = tries[-2][0], tries[-2][1]
-        if a1 != a0 and (m1 - m0) / (a1 - a0) > 0:
-            return a1 + (wanted - m1) * (a1 - a0) / (m1 - m0)
-    return a1 + (wanted - m1)
+def _next_ask(tries: List[Try], wanted: float) -> float:
+    """The next reduction to ask the table for: between the tries measured nearest below and above ``wanted``
+    (regula falsi, kept off the ends), else (one side only, or noise broke the order) shifted by the last miss."""
+    below = [t for t in tries if t.measured < wanted]
+    above = [t for t in tries if t.measured > wanted]
+    last = tries[-1]
+    if below and above:
+        lo, hi = max(below, key=lambda t: t.measured), min(above, key=lambda t: t.measured)
+        if lo.asked < hi.asked:
+            frac = min(max((wanted - lo.measured) / (hi.measured - lo.measured), 0.1), 0.9)
+            return lo.asked + frac * (hi.asked - lo.asked)
+    return last.asked + (wanted - last.measured)

@@ -65,6 +65,13 @@ def resolve_device(name: Optional[str], fallback: torch.device) -> torch.device:
     return device
 
 
+def check_batch(batch: int, what: str = "latency_batch") -> int:
+    """Return ``batch`` if it is a positive integer, else raise naming ``what``."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"{what} must be a positive integer, got {batch!r}")
+    return batch
+
+
 def device_name(device: torch.device) -> str:
     """What the device is (GPU model, CPU model), so a table measured on other hardware is never reused."""
     if device.type == "cuda":

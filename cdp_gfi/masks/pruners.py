@@ -38,7 +38,7 @@ from ..graph.channels import pinned_ops
 from ..graph.leaves import LeafSpec, torch_base
 from ..graph.trace import trace
 from ..latency.select import LatencyResult, select_for_latency
-from ..latency.timing import Timer, resolve_device
+from ..latency.timing import Timer, check_batch, resolve_device
 from ..scores.importance import scores_from_statistics, statistics_kinds
 from ..statistics.collect import _split_batch, collect_statistics
 from ..statistics.store import Statistics
@@ -109,6 +109,7 @@ class _StatisticsPruner(Pruner):
                 raise ValueError("give latency_reduction or flops_reduction, not both: they are two targets")
             check_fraction(self.latency_reduction, "latency_reduction")
             resolve_device(self.latency_device, torch.device("cpu"))  # a device that is not there stops here
+            check_batch(self.latency_batch)
             if len(self.groups) != 1:
                 raise ValueError("a latency_reduction target takes a config_list with one entry")
             return
