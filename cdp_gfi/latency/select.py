@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -123,6 +123,32 @@ def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, ti
     return pairs[ratios[rounds // 2]]
 
 
+def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
+                   max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
+                   cost_power: float, convention: str, graph: ModelGraph) -> Tuple[Callable[[float], Keep], float]:
+    """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches."""
+    sizes = {name: s.numel() for name, s in scores.items()}
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
+    orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
+    floor = min(float(s.min()) for s in u_scores.values())
+    costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
+    path = removal_path(table.curves, costs, _floors(units, max_layer_sparsity))
+    n_groups = {u: len(unit.groups) for u, unit in units.items()}
+
+    def pick(predicted: float) -> Keep:
+        chosen = {}
+        for u, k in kept_for(path, n_groups, predicted * table.dense).items():
+            keep = torch.ones(n_groups[u], dtype=torch.bool)
+            keep[orders[u][: n_groups[u] - k]] = False
+            chosen[u] = keep
+        chosen = _keep_each_conv(units, chosen, u_scores)
+        if round_to:
+            chosen = round_up(units, chosen, u_scores, round_to)
+        return expand_units(units, chosen, sizes)
+
+    return pick, (path[-1][2] / table.dense if path else 0.0)
+
+
 def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, reduction: float,
                        model: nn.Module, graph: ModelGraph, units: Dict[str, Unit], dummy_input: torch.Tensor,
                        device: Optional[str] = None, batch: int = 1, timer: Optional[Timer] = None,
@@ -137,6 +163,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     """
     check_fraction(reduction, "latency_reduction")
     check_batch(batch)
+    check_batch(rounds, "rounds")
     if max_layer_sparsity is not None:
         check_fraction(max_layer_sparsity, "max_layer_sparsity")
     dev = resolve_device(device, next(model.parameters()).device)
@@ -145,27 +172,8 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
-    sizes = {name: s.numel() for name, s in scores.items()}
-    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
-    orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
-    floor = min(float(s.min()) for s in u_scores.values())
-    costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
-    path = removal_path(table.curves, costs, _floors(units, max_layer_sparsity))
-    n_groups = {u: len(unit.groups) for u, unit in units.items()}
-    reachable = path[-1][2] / table.dense if path else 0.0
-
-    def pick(asked: float) -> Keep:
-        kept = kept_for(path, n_groups, asked * table.dense)
-        chosen = {}
-        for u, k in kept.items():
-            keep = torch.ones(n_groups[u], dtype=torch.bool)
-            keep[orders[u][: n_groups[u] - k]] = False
-            chosen[u] = keep
-        chosen = _keep_each_conv(units, chosen, u_scores)
-        if round_to:
-            chosen = round_up(units, chosen, u_scores, round_to)
-        return expand_units(units, chosen, sizes)
-
+    pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity, round_to,
+                                     normalization, cost_power, convention, graph)
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction
