@@ -23,9 +23,8 @@ network's measured latency on ``latency_device`` at ``latency_batch``
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
-
 import copy
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from nni.compression.base.compressor import Pruner
