@@ -17,9 +17,13 @@ The criterion variant (``site``, ``normalize``, ``cost_power``, ``rule``,
 ``published=True`` gives the paper's. ``leaf_modules`` (module classes or
 names) are kept whole when the model is traced: a way past a module whose
 forward torch.fx cannot trace (its channels are then pinned).
+``latency_reduction`` (instead of ``flops_reduction``) targets the slim
+network's measured latency on ``latency_device`` at ``latency_batch``
+(``latency.select``); ``latency_timer`` replaces the benchmark timer.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -32,6 +36,8 @@ from ..graph.sites import read_points
 from ..graph.channels import pinned_ops
 from ..graph.leaves import LeafSpec, torch_base
 from ..graph.trace import trace
+from ..latency.select import LatencyResult, select_for_latency
+from ..latency.timing import Timer, check_batch, resolve_device
 from ..scores.importance import scores_from_statistics, statistics_kinds
 from ..statistics.collect import _split_batch, collect_statistics
 from ..statistics.store import Statistics
@@ -52,12 +58,17 @@ class _StatisticsPruner(Pruner):
                  scope: str = "internal", round_to: Optional[int] = None, published: bool = False,
                  site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
                  rule: Optional[str] = None, progress: bool = True, leaf_modules: Sequence[LeafSpec] = (),
+                 latency_reduction: Optional[float] = None, latency_device: Optional[str] = None,
+                 latency_batch: int = 1, latency_timer: Optional[Timer] = None,
                  existed_wrappers=None, **method_options):
         self.data, self.stop_batch, self.statistics = data, stop_batch, statistics
         self.num_classes, self.memory_budget_gb, self.progress = num_classes, memory_budget_gb, progress
         self.flops_reduction, self.flops_convention = flops_reduction, flops_convention
         self.max_layer_sparsity, self.method_options = max_layer_sparsity, method_options
         self.round_to = round_to
+        self.latency_reduction, self.latency_device = latency_reduction, latency_device
+        self.latency_batch, self.latency_timer = latency_batch, latency_timer
+        self.latency: Optional[LatencyResult] = None
         self.variant = resolve_variant(self.method, published, site, normalize, cost_power, rule,
                                        method_options.pop("cdp_mode", None))
         statistics_kinds(self.method, self.variant.cdp_mode)
@@ -92,12 +103,22 @@ class _StatisticsPruner(Pruner):
         return x[:1]
 
     def _check_targets(self) -> None:
-        """One target per entry: ``sparse_ratio``, or ``flops_reduction`` (keyword, or key of a one-entry list)."""
+        """One target: ``sparse_ratio`` per entry, or ``flops_reduction`` (keyword, or key of a one-entry list), or
+        ``latency_reduction`` (keyword)."""
         keyed = [g.flops_reduction for g in self.groups if g.flops_reduction is not None]
         if keyed and self.flops_reduction is not None and keyed[0] != self.flops_reduction:
             raise ValueError(f"flops_reduction is {self.flops_reduction} as the pruner keyword but {keyed[0]} in "
                              "config_list: give it once")
         self.flops_reduction = keyed[0] if keyed else self.flops_reduction
+        if self.latency_reduction is not None:
+            if self.flops_reduction is not None:
+                raise ValueError("give latency_reduction or flops_reduction, not both: they are two targets")
+            check_fraction(self.latency_reduction, "latency_reduction")
+            resolve_device(self.latency_device, torch.device("cpu"))  # a device that is not there stops here
+            check_batch(self.latency_batch)
+            if len(self.groups) != 1:
+                raise ValueError("a latency_reduction target takes a config_list with one entry")
+            return
         if self.flops_reduction is not None:
             check_fraction(self.flops_reduction, "flops_reduction")
             if len(self.groups) != 1:
@@ -152,6 +173,9 @@ class _StatisticsPruner(Pruner):
             tie = {n: tiebreak[n] for n in convs} if tiebreak else None
             caps = (self.max_layer_sparsity, g.max_sparse_ratio, self.variant.max_layer_sparsity)
             cap = next((c for c in caps if c is not None), None)  # explicit, then NNI's config, then the variant
+            if self.latency_reduction is not None:
+                self.keep.update(self._select_for_latency(part, tie, {n: self.units[n] for n in g.names}, cap))
+                continue
             keep, _ = select(self.method, part, tie, sparsity=None if self.flops_reduction else g.sparse_ratio,
                              flops_reduction=self.flops_reduction, graph=self.graph,
                              max_layer_sparsity=cap, convention=self.flops_convention,
@@ -160,6 +184,24 @@ class _StatisticsPruner(Pruner):
                              rule=self.variant.rule)
             self.keep.update(keep)
         self.update_masks(to_nni_masks(self._convs, self.keep))
+
+    def _select_for_latency(self, scores, tiebreak, units, cap) -> Dict[str, torch.Tensor]:
+        """The latency target's selection, timed on an unwrapped copy of the model."""
+        wrapped = self._is_wrapped
+        if wrapped:
+            self.unwrap_model()
+        try:
+            model = copy.deepcopy(self.bound_model)
+        finally:
+            if wrapped:
+                self.wrap_model()
+        self.latency = select_for_latency(
+            scores, tiebreak, reduction=self.latency_reduction, model=model, graph=self.graph, units=units,
+            dummy_input=self.dummy_input, device=self.latency_device, batch=self.latency_batch,
+            timer=self.latency_timer, max_layer_sparsity=cap, round_to=self.round_to,
+            normalization=self.variant.normalize, cost_power=self.variant.cost_power,
+            convention=self.flops_convention)
+        return self.latency.keep
 
     def compress(self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None):
         """Gather statistics (unless given), score, select; returns ``(model, masks)`` as NNI does."""

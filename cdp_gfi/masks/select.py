@@ -322,6 +322,20 @@ def group_costs(graph: ModelGraph, units: Dict[str, Unit], sizes: Dict[str, int]
     return costs
 
 
+def ranked_unit_scores(units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores] = None,
+                       graph: Optional[ModelGraph] = None, normalization: str = "none", cost_power: float = 0.0,
+                       convention: str = "conv-linear") -> Tuple[Scores, Optional[Scores]]:
+    """Units' group scores as every target ranks them: means over coupled filters, normalised, cost-weighted."""
+    u_scores, u_tie = unit_scores(units, scores, tiebreak)
+    u_scores = normalize(u_scores, normalization)
+    if cost_power:
+        if graph is None:
+            raise ValueError("cost_power > 0 needs the model graph to count each filter's MACs")
+        sizes = {name: s.numel() for name, s in scores.items()}
+        u_scores = cost_weighted(u_scores, group_costs(graph, units, sizes, convention), cost_power)
+    return u_scores, u_tie
+
+
 def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
            sparsity: Optional[float] = None, flops_reduction: Optional[float] = None,
            graph: Optional[ModelGraph] = None, max_layer_sparsity: Optional[float] = None,
@@ -343,12 +357,7 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     sizes = {name: s.numel() for name, s in scores.items()}
     units = units or {n: Unit(convs=[n], groups=[[(n, k)] for k in range(sizes[n])]) for n in scores}
-    u_scores, u_tie = unit_scores(units, scores, tiebreak)
-    u_scores = normalize(u_scores, normalization)
-    if cost_power:
-        if graph is None:
-            raise ValueError("cost_power > 0 needs the model graph to count each filter's MACs")
-        u_scores = cost_weighted(u_scores, group_costs(graph, units, sizes, convention), cost_power)
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
     pick_units = selector(rule or default_rule(method), u_scores, u_tie, max_layer_sparsity)
 
     def pick(p: float) -> Keep:

@@ -1,0 +1,30 @@
+"""Latency figures for summaries: median and spread of a network at each batch size, on a named device."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .timing import BenchmarkTimer, check_batch, device_name, resolve_device
+
+
+def latency_summary(model: nn.Module, input_size: Sequence[int], device: Optional[str] = None,
+                    batches: Sequence[int] = (1,), prefix: str = "", threads: Optional[int] = None,
+                    min_run_time: float = 1.0) -> Dict[str, Any]:
+    """Flat ``summary.json`` / ``results.csv`` fields: ``{prefix}latency_ms_b{N}`` (median) and
+    ``{prefix}latency_iqr_ms_b{N}`` per batch, with the device and threads they were measured on."""
+    for b in batches:
+        check_batch(b, "a latency batch size")
+    param = next(model.parameters())
+    dev = resolve_device(device, param.device)
+    timer = BenchmarkTimer(threads, min_run_time)
+    twin = copy.deepcopy(model).to(dev).eval()
+    out: Dict[str, Any] = {"latency_device": device_name(dev),
+                           "latency_threads": timer.threads if dev.type == "cpu" else None}
+    for b in batches:
+        m = timer.measurement(twin, torch.randn(b, *input_size, device=dev, dtype=param.dtype))
+        out[f"{prefix}latency_ms_b{b}"] = 1e3 * m.median
+        out[f"{prefix}latency_iqr_ms_b{b}"] = 1e3 * m.iqr
+    return out

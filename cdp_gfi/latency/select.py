@@ -1,0 +1,215 @@
+"""Selection for a latency target: spend the budget where the criterion's scores lose least per saved second.
+
+A greedy over units: each step removes a unit's lowest-scored groups down to
+its next width (one group, or the next grid width when the curve is flat
+until there), choosing the move with the least score lost per second the
+latency table says it saves. Within a unit the criterion's order is kept.
+The slim network is then timed end to end and the reduction asked of the
+table corrected (between the nearest tries on either side) until the
+measured one is within ``tolerance`` of the one wanted.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graph.groups import Unit
+from ..graph.trace import ModelGraph
+from ..masks.select import (Keep, Scores, _keep_each_conv, check_fraction, expand_units, ranked_unit_scores,
+                            round_up, to_nni_masks)
+from ..slimming.speedup import slim
+from .table import Curve, LatencyTable, latency_table
+from .timing import BenchmarkTimer, Timer, check_batch, resolve_device
+
+Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
+
+
+@dataclass
+class Try:
+    """One round of the correction: the reduction asked of the table, the one measured, what was timed."""
+
+    asked: float
+    measured: float
+    keep: Keep
+    dense: float
+    slim: float
+
+
+@dataclass
+class LatencyResult:
+    """The selection, the measured reduction it reached, and every (asked, measured) try of the correction."""
+
+    keep: Keep
+    measured: float
+    dense_seconds: float
+    slim_seconds: float
+    tries: List[Tuple[float, float]] = field(default_factory=list)
+    table: Optional[LatencyTable] = None
+
+
+def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors: Dict[str, int]) -> List[Move]:
+    """The greedy's moves, cheapest score lost per second saved first; ``costs[u]`` in removal order."""
+    values = {u: np.interp(np.arange(len(c) + 1), curves[u].widths, curves[u].seconds) for u, c in costs.items()}
+    prefix = {u: np.concatenate([[0.0], np.cumsum(c)]) for u, c in costs.items()}
+    kept = {u: len(c) for u, c in costs.items()}
+    order = {u: i for i, u in enumerate(costs)}
+
+    def best_move(u: str):
+        k, n = kept[u], len(costs[u])
+        options = {k - 1} | {w for w in curves[u].widths if w < k}
+        moves = []
+        for k2 in options:
+            gain = values[u][k] - values[u][k2]
+            if k2 >= floors[u] and gain > 0:
+                ratio = float(f"{(prefix[u][n - k2] - prefix[u][n - k]) / gain:.12g}")  # equal up to rounding
+                moves.append((ratio, order[u], -k2, gain))  # ties: the earlier unit, the smaller step
+        return min(moves) if moves else None
+
+    candidates = {u: best_move(u) for u in costs}
+    path, saved = [], 0.0
+    while any(m is not None for m in candidates.values()):
+        u = min((u for u, m in candidates.items() if m is not None), key=lambda u: candidates[u])
+        _, _, neg_k2, gain = candidates[u]
+        k2 = -neg_k2
+        saved += gain
+        kept[u] = k2
+        path.append((u, k2, saved))
+        candidates[u] = best_move(u)
+    return path
+
+
+def kept_for(path: List[Move], sizes: Dict[str, int], seconds: float) -> Dict[str, int]:
+    """Kept groups per unit after the fewest moves saving at least ``seconds`` (all moves if none does)."""
+    kept, reached = dict(sizes), 0.0
+    for u, k, saved in path:
+        if reached >= seconds:
+            break
+        kept[u], reached = k, saved
+    return kept
+
+
+def _removal_order(score: torch.Tensor, tie: Optional[torch.Tensor]) -> List[int]:
+    """A unit's groups, least important first (score, tie-break key, index), as the global ranking orders them."""
+    t = tie if tie is not None else torch.zeros_like(score)
+    return sorted(range(score.numel()), key=lambda i: (float(score[i]), float(t[i]), i))
+
+
+def _floors(units: Dict[str, Unit], max_layer_sparsity: Optional[float]) -> Dict[str, int]:
+    """Fewest groups each unit keeps: at least one, and what the per-layer cap holds back."""
+    out = {}
+    for name, unit in units.items():
+        n = len(unit.groups)
+        out[name] = 1 if max_layer_sparsity is None else max(1, n - math.floor(max_layer_sparsity * n))
+    return out
+
+
+def slimmed_copy(model: nn.Module, keep: Keep, dummy_input: torch.Tensor, leaf_modules: Sequence = ()) -> nn.Module:
+    """A copy of ``model`` slimmed by ``keep`` (``model`` stays as it is)."""
+    twin = copy.deepcopy(model).eval()
+    return slim(twin, to_nni_masks(twin, keep), dummy_input[:1], leaf_modules=leaf_modules)
+
+
+def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, timer: Timer,
+              rounds: int = 3) -> Tuple[float, float]:
+    """Median seconds of the dense and the slim network, timed in alternation so that load drifts hit both."""
+    pairs = [(timer(dense, example), timer(slim_model, example)) for _ in range(rounds)]
+    ratios = sorted(range(rounds), key=lambda i: pairs[i][1] / pairs[i][0])
+    return pairs[ratios[rounds // 2]]
+
+
+def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
+                   max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
+                   cost_power: float, convention: str, graph: ModelGraph) -> Tuple[Callable[[float], Keep], float]:
+    """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches."""
+    sizes = {name: s.numel() for name, s in scores.items()}
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
+    orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
+    floor = min(float(s.min()) for s in u_scores.values())
+    costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
+    path = removal_path(table.curves, costs, _floors(units, max_layer_sparsity))
+    n_groups = {u: len(unit.groups) for u, unit in units.items()}
+
+    def pick(predicted: float) -> Keep:
+        chosen = {}
+        for u, k in kept_for(path, n_groups, predicted * table.dense).items():
+            keep = torch.ones(n_groups[u], dtype=torch.bool)
+            keep[orders[u][: n_groups[u] - k]] = False
+            chosen[u] = keep
+        chosen = _keep_each_conv(units, chosen, u_scores)
+        if round_to:
+            chosen = round_up(units, chosen, u_scores, round_to)
+        return expand_units(units, chosen, sizes)
+
+    return pick, (path[-1][2] / table.dense if path else 0.0)
+
+
+def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, reduction: float,
+                       model: nn.Module, graph: ModelGraph, units: Dict[str, Unit], dummy_input: torch.Tensor,
+                       device: Optional[str] = None, batch: int = 1, timer: Optional[Timer] = None,
+                       cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
+                       normalization: str = "none", cost_power: float = 0.0, convention: str = "conv-linear",
+                       tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3) -> LatencyResult:
+    """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
+    at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
+
+    ``scores`` are per conv of ``units``; the table is measured once per key and cached in ``cache_dir``.
+    Each try times the dense and the slim network ``rounds`` times in alternation (the median ratio counts).
+    """
+    check_fraction(reduction, "latency_reduction")
+    check_batch(batch)
+    check_batch(rounds, "rounds")
+    if max_layer_sparsity is not None:
+        check_fraction(max_layer_sparsity, "max_layer_sparsity")
+    dev = resolve_device(device, next(model.parameters()).device)
+    timer = timer or BenchmarkTimer()
+    dtype = next(model.parameters()).dtype
+    example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
+    table = latency_table(model, graph, units, example, timer, dev, cache_dir)
+
+    pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity, round_to,
+                                     normalization, cost_power, convention, graph)
+    dense_model = copy.deepcopy(model).to(dev).eval()
+    tries: List[Try] = []
+    asked = reduction
+    for _ in range(max_tries):
+        asked = min(max(asked, 0.0), reachable)
+        keep = pick(asked)
+        slim_model = slimmed_copy(model, keep, dummy_input, graph.leaf_modules).to(dev)
+        dense, seconds = time_pair(dense_model, slim_model, example, timer, rounds)
+        tries.append(Try(asked, 1.0 - seconds / dense, keep, dense, seconds))
+        if abs(tries[-1].measured - reduction) <= tolerance:
+            break
+        if asked >= reachable and tries[-1].measured < reduction:
+            break
+        asked = _next_ask(tries, reduction)
+    best = min(tries, key=lambda t: abs(t.measured - reduction))
+    if abs(best.measured - reduction) > tolerance:
+        if tries[-1].asked < reachable:
+            raise ValueError(f"the measured latency reduction did not settle within {100 * tolerance:g} points of "
+                             f"{reduction:.2%} in {len(tries)} tries (closest: {best.measured:.2%}): timings on "
+                             "this device vary too much; time on a quieter machine or with more rounds")
+        raise ValueError(f"cannot cut the measured latency by {reduction:.2%} by pruning these layers (closest "
+                         f"reachable: {best.measured:.2%}); widen the scope, raise the per-layer cap "
+                         "(--max_layer_sparsity) or change the target")
+    return LatencyResult(best.keep, best.measured, best.dense, best.slim, [(t.asked, t.measured) for t in tries],
+                         table)
+
+
+def _next_ask(tries: List[Try], wanted: float) -> float:
+    """The next reduction to ask the table for: between the tries measured nearest below and above ``wanted``
+    (regula falsi, kept off the ends), else (one side only, or noise broke the order) shifted by the last miss."""
+    below = [t for t in tries if t.measured < wanted]
+    above = [t for t in tries if t.measured > wanted]
+    last = tries[-1]
+    if below and above:
+        lo, hi = max(below, key=lambda t: t.measured), min(above, key=lambda t: t.measured)
+        if lo.asked < hi.asked:
+            frac = min(max((wanted - lo.measured) / (hi.measured - lo.measured), 0.1), 0.9)
+            return lo.asked + frac * (hi.asked - lo.asked)
+    return last.asked + (wanted - last.measured)

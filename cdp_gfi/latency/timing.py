@@ -1,0 +1,85 @@
+"""Timing one module on one device: the ``Timer`` interface the latency table and selection use.
+
+A timer takes a module and an input already on the device and returns the
+median seconds of one forward pass. ``BenchmarkTimer`` measures with
+``torch.utils.benchmark``; tests pass a deterministic stand-in.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+
+class Timer(Protocol):
+    """Median seconds of ``module(x)``; ``name`` (and ``threads``, where a timer has it) enter the cache key,
+    so tables of different timers never mix."""
+
+    name: str
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float: ...
+
+
+class BenchmarkTimer:
+    """``torch.utils.benchmark`` over ``runs`` timed blocks of at least ``min_run_time`` seconds in all."""
+
+    name = "torch.utils.benchmark"
+
+    def __init__(self, threads: Optional[int] = None, min_run_time: float = 0.2, warmup: int = 2):
+        self.threads = threads or torch.get_num_threads()
+        self.min_run_time, self.warmup = min_run_time, warmup
+
+    @torch.no_grad()
+    def measurement(self, module: nn.Module, x: torch.Tensor) -> benchmark.Measurement:
+        """All timed blocks (median, interquartile range, ...) after ``warmup`` untimed calls."""
+        for _ in range(self.warmup):
+            module(x)
+        timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=self.threads)
+        return timer.blocked_autorange(min_run_time=self.min_run_time)
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        return float(self.measurement(module, x).median)
+
+
+def resolve_device(name: Optional[str], fallback: torch.device) -> torch.device:
+    """The device to time on: ``cpu``, ``cuda`` or ``cuda:N`` (None: ``fallback``); one not there is a ValueError."""
+    if name is None:
+        return torch.device(fallback)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown latency device {name!r}; give cpu, cuda or cuda:N") from err
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"latency device {name!r} is not supported; give cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"latency device {name!r} is not there: this machine has no CUDA GPU")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"latency device {name!r} is not there: this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def check_batch(batch: int, what: str = "latency_batch") -> int:
+    """Return ``batch`` if it is a positive integer, else raise naming ``what``."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"{what} must be a positive integer, got {batch!r}")
+    return batch
+
+
+def device_name(device: torch.device) -> str:
+    """What the device is (GPU model, CPU model), so a table measured on other hardware is never reused."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    return "cpu: " + (platform.processor() or platform.machine())
+
