@@ -42,7 +42,15 @@ CHUNK_FUNCTIONS = {torch.chunk}
 
 
 class TraceError(RuntimeError):
-    """The model could not be traced by torch.fx, so its channel flow is unknown."""
+    """The model could not be traced by torch.fx, so its channel flow is unknown.
+
+    ``module`` is the qualified name of the submodule whose code broke tracing, when known: a candidate
+    for ``leaf_modules``.
+    """
+
+    def __init__(self, message: str, module: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.module = module
 
 
 @dataclass
@@ -93,11 +101,11 @@ def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.Grap
     try:
         graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; name the line and how to get past it
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {_culprit(model, exc)} broke "
-                         f"tracing ({exc}). The pruning scope, coupled groups and slimming all read the traced "
-                         "graph: make that forward() free of data-dependent control flow, or keep the module "
-                         "whole by passing its class or name in leaf_modules=[...] (its channels are then "
-                         "pinned)") from exc
+        where, module = _culprit(model, exc)
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {where} broke tracing ({exc}). The "
+                         "pruning scope, coupled groups and slimming all read the traced graph: make that forward() "
+                         "free of data-dependent control flow, or keep the module whole by passing its class or "
+                         "name in leaf_modules=[...] (its channels are then pinned)", module) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if defaults:
         _drop_specialisation_checks(gm)
@@ -125,8 +133,8 @@ def _drop_specialisation_checks(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _culprit(model: nn.Module, exc: BaseException) -> str:
-    """Where tracing failed: the innermost line of the model's own code, and the module running it."""
+def _culprit(model: nn.Module, exc: BaseException) -> Tuple[str, Optional[str]]:
+    """Where tracing failed: the innermost line of the model's own code, and the module running it (its name)."""
     tb, frame = exc.__traceback__, None
     torch_dir = os.path.dirname(torch.__file__)
     while tb is not None:
@@ -134,14 +142,14 @@ def _culprit(model: nn.Module, exc: BaseException) -> str:
             frame = tb
         tb = tb.tb_next
     if frame is None:
-        return "its forward()"
+        return "its forward()", None
     code = frame.tb_frame.f_code
     line = linecache.getline(code.co_filename, frame.tb_lineno).strip()
     owner = frame.tb_frame.f_locals.get("self")
     names = {id(m): n for n, m in model.named_modules()}
-    where = (f"module '{names[id(owner)] or '<top level>'} ({type(owner).__name__})', "
-             if isinstance(owner, nn.Module) and id(owner) in names else "")
-    return f"{where}{os.path.basename(code.co_filename)}:{frame.tb_lineno} `{line}`"
+    name = names.get(id(owner)) if isinstance(owner, nn.Module) else None
+    where = f"module '{name or '<top level>'} ({type(owner).__name__})', " if name is not None else ""
+    return f"{where}{os.path.basename(code.co_filename)}:{frame.tb_lineno} `{line}`", name or None
 
 
 def _device_of(model: nn.Module) -> torch.device:
