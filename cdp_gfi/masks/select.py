@@ -143,11 +143,12 @@ def selector(rule: str, scores: Scores, tiebreak: Optional[Scores] = None,
 
 
 def select_for_target(select: Callable[[float], Keep], measure: Callable[[Keep], float], target: float,
-                      what: str, tolerance: float = 0.005) -> Tuple[Keep, float, float]:
+                      what: str, tolerance: float = 0.005, emptied_first: bool = False) -> Tuple[Keep, float, float]:
     """Bisect the pruning fraction until ``measure`` (a reduction in [0, 1]) meets ``target`` within ``tolerance``.
 
     Returns (selection, fraction, achieved). When no fraction gets there, the
-    error names the nearest reachable reductions below and above the target.
+    error names the nearest reachable reductions below and above the target;
+    with ``emptied_first``, a layer that would lose every filter is the error.
     """
     below = above = emptied = None  # (keep, fraction, reduction) nearest the target from each side
     lo, hi = 0.0, 1.0
@@ -174,7 +175,7 @@ def select_for_target(select: Callable[[float], Keep], measure: Callable[[Keep],
     best = min(candidates, key=lambda c: abs(c[2] - target)) if candidates else None
     if best is None or abs(best[2] - target) > tolerance:
         reach = [f"{c[2]:.2%} {side}" for c, side in ((below, "below it"), (above, "above it")) if c is not None]
-        if emptied is not None and above is None:  # what stopped it: a layer would lose every filter
+        if emptied_first and emptied is not None and above is None:  # what stopped it: an emptied layer
             raise LayerEmptiedError(f"{emptied} (closest reachable: {', '.join(reach) or 'nothing'})")
         raise ValueError(f"cannot remove {target:.2%} of {what} by pruning these layers (closest reachable: "
                          f"{', '.join(reach) or 'nothing'}); widen the scope, raise the per-layer cap "
@@ -371,7 +372,7 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
         p = check_fraction(sparsity, "sparsity")
         whole = max(sum(len(u.groups) for u in units.values()), 1)
         keep, used, _ = select_for_target(pick, lambda keep: groups_removed(keep, units), p,
-                                          "the ranked filters", max(0.005, 1.0 / whole))
+                                          "the ranked filters", max(0.005, 1.0 / whole), emptied_first=True)
         return keep, used
     target = check_fraction(flops_reduction, "flops_reduction")
     if graph is None:
