@@ -27,6 +27,7 @@ from ..masks.masked import MaskEnforcer, Masks
 from ..masks.select import select, to_nni_masks
 from ..models import input_size_for, num_classes_for
 from ..scores.importance import scores_from_statistics, statistics_kinds
+from ..slimming.reconstruct import DEFAULT_BATCHES as RECONSTRUCT_BATCHES, reconstruct
 from ..slimming.slim_files import slim_recipe
 from ..slimming.speedup import slim
 from ..statistics.collect import collect_statistics
@@ -218,6 +219,15 @@ def recalibrate(config: PruneConfig, model: nn.Module, plain_train: Dataset, bat
     """Re-estimate the pruned network's BatchNorm statistics on ``batches`` seeded batches of plain training images."""
     loader = make_loader(plain_train, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed)
     recalibrate_batchnorm(model, loader, batches, device)
+
+
+def refit(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, plain_train: Dataset,
+          device: torch.device) -> None:
+    """``--reconstruct``: refit the layers reading pruned convs on a seeded sample of plain training images."""
+    loader = sample_loader(plain_train, config.batch_size, RECONSTRUCT_BATCHES, config.seed + 1000, config.workers)
+    names = reconstruct(baseline, model, masks, loader)
+    print(f"reconstruction: {len(names)} layer(s) refitted by least squares on {RECONSTRUCT_BATCHES} batches",
+          flush=True)
 
 
 def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, save_dir: Path
