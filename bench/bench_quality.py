@@ -13,7 +13,7 @@ with the dense network as teacher (``cdp_gfi.train.distill``), (b) only. Seeds
 change the statistics sample, Taylor's batches, the BN batches, the
 reconstruction sample and the fine-tuning order.
 
-    python bench/bench_quality.py --quick     # ResNet-20, 50%, seed 0, the main rows
+    python bench/bench_quality.py --quick     # ResNet-20, 50%, seed 0, the main rows, (a) only
     python bench/bench_quality.py             # ResNet-20 and -32, 30% and 50%, seeds 0-2, every row
     python bench/bench_quality.py --epochs 0  # measure (a) only
     python bench/bench_quality.py --dataroot /data/cifar10 --adapt_epochs 0 --nets resnet56=ckpt/resnet56.pth
@@ -284,13 +284,15 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path("ckpt/adapted"), help="folder of adapted networks")
     p.add_argument("--targets", default="0.3,0.5", help="fractions of conv+linear MACs removed (default 0.3,0.5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs for (b) (default 1); 0: (a) only")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs for (b) (default 1; 0 with --quick): 0 measures "
+                                              "(a) only")
     p.add_argument("--methods", default=",".join(METHODS), help=f"rows (default all): {', '.join(METHODS)}")
     p.add_argument("--distill_temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help=f"temperature of the +kd rows (default {DEFAULT_TEMPERATURE:g})")
     p.add_argument("--distill_weight", type=float, default=DEFAULT_WEIGHT,
                    help=f"weight of the soft term in the +kd rows (default {DEFAULT_WEIGHT:g})")
-    p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows")
+    p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows, (a) only unless "
+                                                        "--epochs is given")
     p.add_argument("--resume", action="store_true", help="keep rows already in <out>/bench_quality.csv")
     p.add_argument("--out", type=Path, default=Path("readme"), help="folder for CSVs and the plot (default readme)")
     return p.parse_args(argv)
@@ -298,6 +300,8 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 0 if args.quick else 1
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         if args.adapt_epochs < 0 or args.epochs < 0:
