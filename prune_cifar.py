@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_recalibration_argument, exit_status  # noqa: E402
+from cdp_gfi.runs.cli import (  # noqa: E402
+    OneLineParser, add_criterion_arguments, add_recalibration_argument, add_recovery_arguments, exit_status)
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
 from cdp_gfi.runs.cifar_config import DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig  # noqa: E402
 from cdp_gfi.runs.cifar import claim_folder, run  # noqa: E402
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--layerwise_retrain", type=int, default=0, metavar="N",
       help="GFI-AP: prune layer by layer, N epochs of training after each (default 0: one shot)")
     add_recalibration_argument(p)
+    add_recovery_arguments(p)
     a("--seed", type=int, default=0, help="seed of sampling, training and the digits split (default 0)")
     a("--save_dir", help="run folder (default runs/<dataset>_<model>_<method>_seed<seed>, or its next free name "
                          "...-2, -3 when it holds another run); a folder holding another run is refused")

@@ -1,26 +1,33 @@
-"""Quality on real pretrained networks and real CIFAR-10 images: every method at equal MACs removed.
+"""Quality on held-out images: real pretrained networks, the whole CIFAR-10 (JPEG), every method at equal MACs.
 
-Each (network, MACs target, seed) prunes the same block-internal convs of one
-published checkpoint with every method, slims, re-estimates BatchNorm
-statistics on the same 20 batches (a), then fine-tunes 3 epochs with one
-fixed recipe (b); top-1 on the held-out images after each. Seeds change the
-statistics sample, Taylor's batches, the BN batches and the fine-tuning order.
+Each network is first adapted to the data by dense fine-tuning (``--adapt_epochs``,
+cached by checkpoint hash and recipe, see ``adaptation.py``); every row prunes
+that same adapted network's block-internal convs to the MACs target, slims,
+re-estimates BatchNorm on 20 batches of 128 training images (a), then
+fine-tunes ``--epochs`` (default 1) over the 50,000 training images with one
+recipe for every row (b); top-1 on the 5,000 held-out test images after each.
+The ``dense`` row is the adapted network, fine-tuned the same way: the ceiling.
+Recovery is a row suffix: ``+rec`` refits the layers reading pruned convs by
+least squares (``cdp_gfi.slimming.reconstruct``) before (a); ``+kd`` fine-tunes
+with the dense network as teacher (``cdp_gfi.train.distill``), (b) only. Seeds
+change the statistics sample, Taylor's batches, the BN batches, the
+reconstruction sample and the fine-tuning order.
 
-    python bench/bench_quality.py --quick     # ResNet-20, 50%, seed 0, the main rows
+    python bench/bench_quality.py --quick     # ResNet-20, 50%, seed 0, the main rows, (a) only
     python bench/bench_quality.py             # ResNet-20 and -32, 30% and 50%, seeds 0-2, every row
     python bench/bench_quality.py --epochs 0  # measure (a) only
-    python bench/bench_quality.py --dataroot /data/cifar10 --nets resnet56=ckpt/resnet56.pth   # your own
+    python bench/bench_quality.py --dataroot /data/cifar10 --adapt_epochs 0 --nets resnet56=ckpt/resnet56.pth
 
 Rows are appended to <out>/bench_quality.csv as they finish; --resume skips
-the ones already there. The summary (mean and std over seeds) goes to
-<out>/bench_quality_summary.csv and the plot to <out>/bench_quality.png.
+the ones already there. The summary (mean and std over seeds, seed counts) goes
+to <out>/bench_quality_summary.csv and the plot to <out>/bench_quality.png.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -35,24 +42,26 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
+warnings.filterwarnings("default", message="reconstruct:")
 
 import competitors  # noqa: E402
-from cdp_gfi import build_model, count_flops, load_pretrained, recalibrate_batchnorm, select, to_nni_masks  # noqa: E402
+from adaptation import adapted, fine_tune  # noqa: E402
+from cdp_gfi import count_flops, recalibrate_batchnorm, select, to_nni_masks  # noqa: E402
 from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
 from cdp_gfi.data.samplers import make_loader, sample_loader  # noqa: E402
-from cdp_gfi.graph.trace import ModelGraph, trace  # noqa: E402
-from cdp_gfi.runs.cifar_config import PruneConfig, resolve  # noqa: E402
-from cdp_gfi.runs.cifar_steps import finetune, train_loader  # noqa: E402
 from cdp_gfi.graph.scope import default_scope  # noqa: E402
-from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
 from cdp_gfi.graph.sites import read_points  # noqa: E402
-from cdp_gfi.statistics.store import Statistics  # noqa: E402
-from cdp_gfi.statistics.collect import collect_statistics  # noqa: E402
-from cdp_gfi.train.loop import evaluate, seed_everything  # noqa: E402
+from cdp_gfi.graph.trace import ModelGraph, trace  # noqa: E402
 from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
+from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
+from cdp_gfi.slimming.reconstruct import reconstruct  # noqa: E402
+from cdp_gfi.statistics.collect import collect_statistics  # noqa: E402
+from cdp_gfi.statistics.store import Statistics  # noqa: E402
+from cdp_gfi.train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT  # noqa: E402
+from cdp_gfi.train.loop import evaluate, seed_everything  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_DATAROOT = SHARED / "cifar10-real-subset"
+DEFAULT_DATAROOT = SHARED / "cifar10-jpeg"
 DEFAULT_NETS = {"resnet20": SHARED / "pretrained" / "resnet20-12fca82f.th",
                 "resnet32": SHARED / "pretrained" / "resnet32-d509ac18.th"}
 SIZE = (3, 32, 32)
@@ -60,6 +69,8 @@ DEVICE = torch.device("cpu")
 BATCH = 128
 STATS_BATCHES = 20
 RECAL_BATCHES = 20
+RECON_BATCHES = 4
+FINETUNE_LR = 0.01
 
 
 OURS: Dict[str, Tuple[str, Variant]] = {
@@ -70,18 +81,32 @@ OURS: Dict[str, Tuple[str, Variant]] = {
     "cdp-sample[published]": ("cdp", replace(PUBLISHED["cdp"], cdp_mode="sample")),
     "gfi-ap[published]": ("gfi", PUBLISHED["gfi"]),
 }
-OTHERS = ("nni-l1", "nni-fpgm", "nni-taylor", "tp-global", "tp-layer", "random")
-METHODS = (*OURS, *OTHERS)
-MAIN = ("cdp", "gfi-ap", "cdp[published]", "gfi-ap[published]", "nni-l1", "tp-global", "random")
+OTHERS = ("nni-l1", "nni-fpgm", "nni-taylor", "tp-global", "tp-layer", "l1-layernorm", "random")
+PEER = "nni-fpgm"  # the peer whose masks get our recovery too
+RECOVERY = ("rec", "kd")
+BASES = ("dense", *OURS, *OTHERS)
+METHODS = (*BASES, *(f"{m}+{r}" for r in ("rec", "kd", "rec+kd") for m in ("cdp", "gfi-ap", PEER)))
+MAIN = ("dense", "cdp", "gfi-ap", PEER, "l1-layernorm", "tp-global", "cdp+rec", "gfi-ap+rec", f"{PEER}+rec")
+
+
+def parse_method(method: str) -> Tuple[str, Tuple[str, ...]]:
+    """``cdp+rec+kd`` -> (``cdp``, (``rec``, ``kd``)); refuses unknown rows and recovery that cannot apply."""
+    base, *extra = method.split("+")
+    if base not in BASES or any(r not in RECOVERY for r in extra):
+        raise ValueError(f"unknown row {method!r}: a row is one of {', '.join(BASES)}, optionally followed by "
+                         "+rec and/or +kd")
+    if extra and (base == "dense" or base.startswith("tp-")):
+        raise ValueError(f"row {method!r}: recovery applies to rows with masks (not dense or Torch-Pruning's)")
+    return base, tuple(extra)
 
 
 class Bench:
-    """One network, one seed: the data, the dense net, its graph and scope, statistics per feature site."""
+    """One network, one seed: the data, the adapted dense net, its graph and scope, statistics per feature site."""
 
-    def __init__(self, name: str, path: Path, splits, seed: int, epochs: int) -> None:
-        self.name, self.splits, self.seed, self.epochs = name, splits, seed, epochs
-        self.base = build_model(name, "cifar10").eval()
-        load_pretrained(self.base, path, what=f"--nets {name}")
+    def __init__(self, name: str, base: nn.Module, splits, seed: int, epochs: int,
+                 distill: Tuple[float, float]) -> None:
+        self.name, self.splits, self.seed, self.epochs, self.distill = name, splits, seed, epochs, distill
+        self.base = base.eval()
         self.graph: ModelGraph = trace(self.base, torch.zeros(1, *SIZE))
         self.scope = default_scope(self.graph)
         self.test = make_loader(splits[2], 256, shuffle=False)
@@ -93,7 +118,7 @@ class Bench:
         return evaluate(model, self.test, DEVICE, disable_progress=True)["top1"]
 
     def statistics(self, site: str) -> Statistics:
-        """Every kind of statistics at ``site``, gathered once per network and seed."""
+        """Every kind of statistics at ``site`` on a seeded sample of the training set, once per network and seed."""
         if site not in self._stats:
             loader = sample_loader(self.splits[1], BATCH, STATS_BATCHES, self.seed, 0)
             self._stats[site] = collect_statistics(
@@ -101,8 +126,8 @@ class Bench:
                 stop_batch=STATS_BATCHES, progress=False, read_at=read_points(self.graph, self.scope, site))
         return self._stats[site]
 
-    def pruned(self, method: str, target: float) -> nn.Module:
-        """The dense net pruned by ``method`` to remove ``target`` of its conv+linear MACs, slimmed."""
+    def masks(self, method: str, target: float) -> competitors.Masks:
+        """The masks of ``method`` removing ``target`` of conv+linear MACs (every row but Torch-Pruning's)."""
         if method in OURS:
             kind, variant = OURS[method]
             stats = self.statistics(variant.site)
@@ -110,39 +135,47 @@ class Bench:
             keep, _ = select(kind, scores, tie, flops_reduction=target, graph=self.graph,
                              normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
                              max_layer_sparsity=variant.max_layer_sparsity)
-            return competitors.slimmed(self.base, to_nni_masks(self.base, keep), SIZE)
-        if method.startswith("tp-"):
-            return competitors.tp_at_macs(self.base, self.scope, target, SIZE, method == "tp-global")[0]
+            return to_nni_masks(self.base, keep)
         if method == "random":
-            masks = competitors.random_masks(self.base, self.graph, self.scope, target, self.seed)
-        else:
-            factory = taylor_evaluator(self.splits[1], self.seed) if method == "nni-taylor" else None
-            masks = competitors.nni_at_macs(method, self.base, self.scope, target, SIZE, factory)[0]
-        return competitors.slimmed(self.base, masks, SIZE)
+            return competitors.random_masks(self.base, self.graph, self.scope, target, self.seed)
+        if method == "l1-layernorm":
+            return competitors.l1_normalised_masks(self.base, self.graph, self.scope, target)
+        factory = taylor_evaluator(self.splits[1], self.seed) if method == "nni-taylor" else None
+        return competitors.nni_at_macs(method, self.base, self.scope, target, SIZE, factory)[0]
+
+    def pruned(self, method: str, target: float) -> Tuple[nn.Module, Optional[competitors.Masks]]:
+        """(slim copy of the dense net pruned by ``method``, its masks; None for Torch-Pruning's rows)."""
+        if method == "dense":
+            return copy.deepcopy(self.base), None
+        if method.startswith("tp-"):
+            return competitors.tp_at_macs(self.base, self.scope, target, SIZE, method == "tp-global")[0], None
+        masks = self.masks(method, target)
+        return competitors.slimmed(self.base, masks, SIZE), masks
 
     def run(self, method: str, target: float) -> Dict[str, object]:
-        """Prune, evaluate; re-estimate BN, evaluate (a); fine-tune, evaluate (b): one row."""
+        """Prune (+ reconstruct), re-estimate BN, evaluate (a); fine-tune (+ distil), evaluate (b): one row."""
+        base, recovery = parse_method(method)
         seed_everything(self.seed)
         started = time.perf_counter()
-        model = self.pruned(method, target)
+        model, masks = self.pruned(base, target)
+        if "rec" in recovery:
+            reconstruct(self.base, model, masks, sample_loader(self.splits[1], BATCH, RECON_BATCHES, self.seed + 1000, 0))
         prune_s = time.perf_counter() - started
-        right_after = self.top1(model)
-        recal = make_loader(self.splits[1], BATCH, shuffle=True, seed=self.seed)
-        recalibrate_batchnorm(model, recal, RECAL_BATCHES, DEVICE, progress=False)
-        recalibrated = self.top1(model)
-        finetuned = float("nan")
+        if base != "dense":
+            recal = make_loader(self.splits[1], BATCH, shuffle=True, seed=self.seed)
+            recalibrate_batchnorm(model, recal, RECAL_BATCHES, DEVICE, progress=False)
+        a = self.top1(model)
+        a_s = time.perf_counter() - started
+        b = float("nan")
         if self.epochs:
-            config = resolve(PruneConfig(dataset="cifar10", model=self.name, epochs=self.epochs, lr=0.01,
-                                         batch_size=BATCH, workers=0, seed=self.seed, sparsity=0.5))
-            with tempfile.TemporaryDirectory() as tmp:
-                log = finetune(replace(config, save_dir=tmp), model, {},
-                               (train_loader(config, self.splits[0]), self.test), DEVICE, Path(tmp))
-            finetuned = log.attrs["final_top1"]
+            kd = "kd" in recovery
+            b = fine_tune(model, self.name, self.splits, self.test, self.epochs, FINETUNE_LR, self.seed,
+                          teacher=self.base if kd else None, distill=self.distill if kd else None)
         macs = count_flops(model, SIZE)[0]
-        return dict(net=self.name, method=method, target_pct=100 * target, seed=self.seed,
-                    macs_removed_pct=100 * (1 - macs / self.dense_macs), baseline_top1=self.base_top1,
-                    top1_pruned=right_after, top1_recalibrated=recalibrated, top1_finetuned=finetuned,
-                    prune_s=prune_s, total_s=time.perf_counter() - started)
+        return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
+                    seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), dense_top1=self.base_top1,
+                    top1_a=a, top1_b=b, epochs=self.epochs, prune_s=prune_s, a_s=a_s,
+                    total_s=time.perf_counter() - started, load_1min=os.getloadavg()[0])
 
 
 def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
@@ -170,13 +203,12 @@ def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
 
 
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of both measures, per network, target and method (table order kept)."""
+    """Mean, std and seed count of both measures, per network, target and row (table order kept)."""
     grouped = rows.groupby(["net", "target_pct", "method"], sort=False)
-    out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), top1_pruned=("top1_pruned", "mean"),
-                      a_mean=("top1_recalibrated", "mean"), a_std=("top1_recalibrated", "std"),
-                      b_mean=("top1_finetuned", "mean"), b_std=("top1_finetuned", "std"),
-                      seeds=("seed", "count"), b_seeds=("top1_finetuned", "count"),
-                      run_s=("total_s", "mean")).reset_index()
+    out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"),
+                      a_mean=("top1_a", "mean"), a_std=("top1_a", "std"), a_seeds=("top1_a", "count"),
+                      b_mean=("top1_b", "mean"), b_std=("top1_b", "std"), b_seeds=("top1_b", "count"),
+                      run_s=("total_s", "mean"), load_1min=("load_1min", "mean")).reset_index()
     return out.round(2)
 
 
@@ -192,7 +224,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     width = 0.8 / len(methods)
     colors = plt.get_cmap("tab20")(range(len(methods)))
     for ax, (col, title) in zip(axes, (("a", "(a) after pruning + BN re-estimation"),
-                                       ("b", "(b) after fine-tuning (missing bars: not measured)"))):
+                                       ("b", "(b) after one epoch of fine-tuning (missing bars: not measured)"))):
         for j, method in enumerate(methods):
             part = summary[summary["method"] == method].set_index(["net", "target_pct"])
             xs = [i + j * width for i, case in enumerate(cases) if case in part.index]
@@ -207,7 +239,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    axes[1].set_xticklabels([f"{net}\n{pct:g}% MACs removed" for net, pct in cases])
+    axes[1].set_xticklabels([f"{net}\n{pct:g}% MACs removed" if pct else f"{net}\ndense" for net, pct in cases])
     axes[0].legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -228,39 +260,61 @@ def parse_nets(text: Optional[str]) -> Dict[str, Path]:
 
 
 def check_paths(dataroot: Path, nets: Dict[str, Path]) -> None:
-    """A missing default says which flag to pass."""
+    """A missing data layout names the converter; a missing checkpoint names the flag to pass."""
     if not (dataroot / "cifar-10-batches-py").is_dir():
-        raise FileNotFoundError(f"no cifar-10-batches-py/ under {str(dataroot)!r}: pass --dataroot (a CIFAR-10 "
-                                "folder in torchvision's python layout)")
+        raise FileNotFoundError(
+            f"no cifar-10-batches-py/ under {str(dataroot)!r}: convert the JPEG archives with "
+            f"python {SHARED / 'cifar10-jpeg' / 'to_pickle.py'} OUT_DIR and pass --dataroot OUT_DIR "
+            "(or any CIFAR-10 folder in torchvision's python layout)")
     for name, path in nets.items():
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint for {name} not found at {str(path)!r}: pass --nets {name}=PATH")
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataroot", type=Path, default=DEFAULT_DATAROOT,
-                   help="CIFAR-10 root holding cifar-10-batches-py/ (default: ../shared/data/cifar10-real-subset)")
+                   help="CIFAR-10 root holding cifar-10-batches-py/ (default ../shared/data/cifar10-jpeg, after "
+                        "its to_pickle.py wrote the layout there)")
     p.add_argument("--nets", help="name=checkpoint pairs, comma-separated (default: the two shared pretrained "
                                   "ResNets, resnet20 and resnet32)")
+    p.add_argument("--adapt_epochs", type=int, default=2,
+                   help="dense fine-tuning epochs before pruning, cached (default 2; 0 for data the nets were "
+                        "trained on)")
+    p.add_argument("--cache", type=Path, default=Path("ckpt/adapted"), help="folder of adapted networks")
     p.add_argument("--targets", default="0.3,0.5", help="fractions of conv+linear MACs removed (default 0.3,0.5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs for (b); 0: measure (a) only")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs for (b) (default 1; 0 with --quick): 0 measures "
+                                              "(a) only")
     p.add_argument("--methods", default=",".join(METHODS), help=f"rows (default all): {', '.join(METHODS)}")
-    p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows")
+    p.add_argument("--distill_temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"temperature of the +kd rows (default {DEFAULT_TEMPERATURE:g})")
+    p.add_argument("--distill_weight", type=float, default=DEFAULT_WEIGHT,
+                   help=f"weight of the soft term in the +kd rows (default {DEFAULT_WEIGHT:g})")
+    p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows, (a) only unless "
+                                                        "--epochs is given")
     p.add_argument("--resume", action="store_true", help="keep rows already in <out>/bench_quality.csv")
     p.add_argument("--out", type=Path, default=Path("readme"), help="folder for CSVs and the plot (default readme)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 0 if args.quick else 1
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
+        if args.adapt_epochs < 0 or args.epochs < 0:
+            raise ValueError(f"--adapt_epochs and --epochs must be >= 0, got {args.adapt_epochs}, {args.epochs}")
         nets = parse_nets(args.nets)
         if args.quick:
             nets = {k: v for k, v in nets.items() if k == "resnet20"} or dict(list(nets.items())[:1])
         check_paths(args.dataroot, nets)
         methods = list(MAIN if args.quick else args.methods.split(","))
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+        for method in methods:
+            parse_method(method)
+        if not args.epochs:  # distillation changes (b) only
+            methods = [m for m in methods if "kd" not in parse_method(m)[1]]
         targets = [0.5] if args.quick else [float(t) for t in args.targets.split(",")]
         seeds = range(1 if args.quick else args.seeds)
         splits = cifar_datasets(args.dataroot, check_integrity=False)
@@ -271,28 +325,41 @@ def main(argv=None) -> int:
     csv = args.out / "bench_quality.csv"
     rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
     key = ["net", "method", "target_pct", "seed"]
-    finished = rows[rows["top1_finetuned"].notna()] if len(rows) and args.epochs else rows
+    finished = rows[rows["top1_b"].notna()] if len(rows) and args.epochs else rows
     done = set(zip(*(finished[k] for k in key))) if len(finished) else set()  # (a)-only rows get (b) too
     started = time.perf_counter()
-    todo: List[Tuple[str, int, float, str]] = [(n, s, t, m) for s in seeds for n in nets for t in targets
-                                               for m in methods if (n, m, 100 * t, s) not in done]
-    bench = None
+    todo: List[Tuple[str, int, float, str]] = []
+    for n in nets:
+        for s in seeds:
+            for t in targets:
+                for m in methods:
+                    t_row = 0.0 if m == "dense" else t
+                    if (n, m, 100 * t_row, s) not in done and (n, s, t_row, m) not in todo:
+                        todo.append((n, s, t_row, m))
+    bench, test = None, make_loader(splits[2], 256, shuffle=False)
+    loads = []
     for net, seed, target, method in tqdm(todo, desc="bench_quality"):
         if bench is None or (bench.name, bench.seed) != (net, seed):
-            bench = Bench(net, nets[net], splits, seed, args.epochs)
+            base, _ = adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
+            bench = Bench(net, base, splits, seed, args.epochs, (args.distill_temperature, args.distill_weight))
         row = bench.run(method, target)
+        loads.append(row["load_1min"])
         if len(rows):
             rows = rows[~(rows[key] == pd.Series({k: row[k] for k in key})).all(axis=1)]
         rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
         rows.to_csv(csv, index=False)
         tqdm.write(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if not len(rows):
+        print("nothing to do")
+        return 0
     summary = summarize(rows)
     summary.to_csv(args.out / "bench_quality_summary.csv", index=False)
     plot(summary, args.out / "bench_quality.png")
     print(summary.to_string(index=False))
     print(f"\n{len(todo)} runs in {(time.perf_counter() - started) / 60:.1f} min on {torch.get_num_threads()} "
-          f"thread(s); baseline top-1 on these images: " +
-          ", ".join(f"{n} {v:.2f}%" for n, v in rows.groupby("net")["baseline_top1"].first().items()))
+          f"thread(s), 1-min load {min(loads, default=float('nan')):.1f}-{max(loads, default=float('nan')):.1f}; "
+          "dense top-1 on the held-out images: " +
+          ", ".join(f"{n} {v:.2f}%" for n, v in rows.groupby("net")["dense_top1"].first().items()))
     return 0
 
 

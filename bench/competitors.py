@@ -3,7 +3,8 @@
 NNI's pruners take one sparse_ratio per layer: a uniform ratio over our default
 scope is bisected until conv+linear MACs (counted through the masks) fall by
 the target within 0.5 pt, then the masks are slimmed with ``cdp_gfi.slim``.
-Torch-Pruning (a benchmark-only dependency) prunes coupled groups with its
+The L1 layer-normalised row ranks filters' L1 norms over their layer's mean in
+one global ranking through our selection. Torch-Pruning (a benchmark-only dependency) prunes coupled groups with its
 default ``GroupMagnitudeImportance`` (L2, mean-normalised), globally or per
 layer, the ratio bisected the same way; every conv outside our scope and the
 classifier are in ``ignored_layers``.
@@ -115,6 +116,14 @@ def random_masks(model: nn.Module, graph: ModelGraph, scope: Iterable[str], targ
     gen = torch.Generator().manual_seed(seed)
     scores = {n: torch.rand(graph.modules[n].out_channels, generator=gen) for n in scope}
     keep, _ = select("cdp", scores, flops_reduction=target, graph=graph)
+    return to_nni_masks(model, keep)
+
+
+def l1_normalised_masks(model: nn.Module, graph: ModelGraph, scope: Iterable[str], target: float) -> Masks:
+    """Filters' L1 norms divided by their layer's mean, one global ranking at the MACs ``target`` (our selection)."""
+    modules = dict(model.named_modules())
+    scores = {n: modules[n].weight.detach().abs().flatten(1).sum(1) for n in scope}
+    keep, _ = select("cdp", scores, flops_reduction=target, graph=graph, normalization="mean", rule="global")
     return to_nni_masks(model, keep)
 
 

@@ -49,6 +49,7 @@ from .cifar_steps import (
     load_statistics,
     prune,
     recalibrate,
+    refit,
     record_arguments,
     report,
     train_baseline,
@@ -106,6 +107,8 @@ def run_point(config: PruneConfig, session: Session, started: float,
         model.to(device)
     else:
         model, masks = prune(config, session.baseline, session.stats, session.splits[1], loaders[0], device)
+        if config.reconstruct:
+            refit(config, session.baseline, model, masks, session.splits[1], device)
         save_slim_checkpoint(pruned_path, config.model, model, masks, num_classes_for(config.dataset),
                              asdict(config), dataset=config.dataset)
     costs = report(config, session.baseline, model, masks, save_dir)
@@ -120,7 +123,8 @@ def run_point(config: PruneConfig, session: Session, started: float,
         accuracies["pruned_top1_recalibrated"] = evaluate(model, loaders[1], device)["top1"]
         print(f"pruned top-1 after BatchNorm re-estimation on {session.recal_batches} batches: "
               f"{accuracies['pruned_top1_recalibrated']:.2f}%", flush=True)
-    log = finetune(config, model, masks, loaders, device, save_dir, on_epoch_end)
+    log = finetune(config, model, masks, loaders, device, save_dir, on_epoch_end,
+                   teacher=session.baseline if config.distill else None)
     summary = summarize(config, masks, costs, {**accuracies, "bn_recalibrate": session.recal_batches}, log,
                         time.perf_counter() - started)
     write_summary(summary, save_dir)

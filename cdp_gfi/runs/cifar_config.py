@@ -13,6 +13,7 @@ from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
 from ..models import models_for
 from ..scores.importance import statistics_kinds
+from ..train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distillation
 
 DATASETS = ("cifar10", "cifar100", "digits")
 SCHEDULES = ("cosine", "step")
@@ -51,6 +52,10 @@ class PruneConfig(CriterionOptions):
     schedule: str = "cosine"
     layerwise_retrain: int = 0
     bn_recalibrate: Optional[int] = None
+    reconstruct: bool = False
+    distill: bool = False
+    distill_temperature: float = DEFAULT_TEMPERATURE
+    distill_weight: float = DEFAULT_WEIGHT
     seed: int = 0
     save_dir: Optional[str] = None
     resume: bool = False
@@ -114,6 +119,7 @@ def check(config: PruneConfig) -> torch.device:
     if not config.lr > 0 or not 0 <= config.momentum < 1 or not config.wd >= 0:
         raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --wd >= 0; got {config.lr}, {config.momentum}, "
                          f"{config.wd}")
+    check_distillation(config.distill_temperature, config.distill_weight)
     if config.dataset == "digits" and config.dataroot:
         raise ValueError("--dataroot is not used with --dataset digits (scikit-learn ships the images)")
     if config.dataset != "digits" and not config.dataroot:

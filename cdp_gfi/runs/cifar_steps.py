@@ -27,11 +27,13 @@ from ..masks.masked import MaskEnforcer, Masks
 from ..masks.select import filters_removed, select, to_nni_masks
 from ..models import input_size_for, num_classes_for
 from ..scores.importance import scores_from_statistics, statistics_kinds
+from ..slimming.reconstruct import DEFAULT_BATCHES as RECONSTRUCT_BATCHES, reconstruct
 from ..slimming.slim_files import slim_recipe
 from ..slimming.speedup import slim
 from ..statistics.collect import collect_statistics
 from ..statistics.fingerprint import fingerprint
 from ..statistics.store import Statistics
+from ..train.distill import Distillation
 from ..train.loop import fit, seed_everything, train_one_epoch
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.recalibrate import recalibrate_batchnorm
@@ -222,6 +224,15 @@ def recalibrate(config: PruneConfig, model: nn.Module, plain_train: Dataset, bat
     recalibrate_batchnorm(model, loader, batches, device)
 
 
+def refit(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, plain_train: Dataset,
+          device: torch.device) -> None:
+    """``--reconstruct``: refit the layers reading pruned convs on a seeded sample of plain training images."""
+    loader = sample_loader(plain_train, config.batch_size, RECONSTRUCT_BATCHES, config.seed + 1000, config.workers)
+    names = reconstruct(baseline, model, masks, loader)
+    print(f"reconstruction: {len(names)} layer(s) refitted by least squares on {RECONSTRUCT_BATCHES} batches",
+          flush=True)
+
+
 def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, save_dir: Path
            ) -> pd.DataFrame:
     """Print and save kept filters per layer (layers.csv) and MACs/params before and after (costs.csv)."""
@@ -234,12 +245,20 @@ def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Ma
 
 def finetune(config: PruneConfig, model: nn.Module, masks: Masks, loaders: Tuple[DataLoader, DataLoader],
              device: torch.device, save_dir: Path,
-             on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None) -> pd.DataFrame:
-    """Fine-tune the slim network (SGD Nesterov, cosine or step); checkpoints carry its recipe and args."""
+             on_epoch_end: Optional[Callable[[int, Dict[str, float]], None]] = None,
+             teacher: Optional[nn.Module] = None) -> pd.DataFrame:
+    """Fine-tune the slim network (SGD Nesterov, cosine or step); checkpoints carry its recipe and args.
+
+    With ``config.distill`` the dense ``teacher`` joins the loss (``train.distill``)."""
+    if config.distill and teacher is None:
+        raise ValueError("--distill needs the dense network as teacher")
+    distill = (Distillation(teacher.to(device), config.distill_temperature, config.distill_weight)
+               if config.distill else None)
     seed_everything(config.seed)
     optimizer = build_optimizer(model, config.lr, config.momentum, config.wd, nesterov=True)
     scheduler = build_scheduler(optimizer, config.schedule, config.epochs, len(loaders[0]))
     extra = {"route": "slim", **slim_recipe(config.model, config.dataset, num_classes_for(config.dataset), masks),
              "args": asdict(config)}
     return fit(model, *loaders, epochs=config.epochs, optimizer=optimizer, scheduler=scheduler, device=device,
-               run_dir=save_dir, make_checkpoint=lambda: extra, resume=config.resume, on_epoch_end=on_epoch_end)
+               run_dir=save_dir, make_checkpoint=lambda: extra, resume=config.resume, on_epoch_end=on_epoch_end,
+               distill=distill)

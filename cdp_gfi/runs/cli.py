@@ -11,6 +11,7 @@ from ..graph.sites import SITES
 from ..masks.select import RULES
 from ..models import IMAGENET_MODELS, check_model_name
 from ..scores.ranking import NORMALIZATIONS
+from ..train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
 from .spellings import BothSpellingsParser
 
 USER_ERRORS = (ValueError, OSError, CheckpointError, FloatingPointError)
@@ -63,6 +64,20 @@ def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bn_recalibrate", type=int, metavar="N",
                         help="re-estimate BatchNorm statistics of the pruned network on N batches of un-augmented "
                              "training images (default 20, or all of a smaller training set; 0 turns it off)")
+
+
+def add_recovery_arguments(parser: argparse.ArgumentParser, reconstruct: bool = True) -> None:
+    """--reconstruct and --distill (with its temperature and weight), worded the same in every script."""
+    a = parser.add_argument
+    if reconstruct:
+        a("--reconstruct", action="store_true",
+          help="after pruning, refit each layer reading a pruned conv by least squares on sampled training images "
+               "so its outputs match the dense network's")
+    a("--distill", action="store_true", help="fine-tune with the dense network as teacher (knowledge distillation)")
+    a("--distill_temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+      help=f"softmax temperature of --distill (default {DEFAULT_TEMPERATURE:g})")
+    a("--distill_weight", type=float, default=DEFAULT_WEIGHT, metavar="W",
+      help=f"loss = (1 - W) x cross entropy + W x T^2 x KL to the teacher (default {DEFAULT_WEIGHT:g})")
 
 
 def one_line(err: BaseException) -> str:

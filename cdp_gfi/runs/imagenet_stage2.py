@@ -54,9 +54,12 @@ from ..masks.select import apply_masks
 from ..models import build_model
 from ..slimming.slim_files import SLIM_DUMMY_SIZE, rebuild_slim, save_slim_checkpoint
 from ..slimming.speedup import slim
+from ..files.pretrained import load_pretrained
+from ..train.distill import Distillation, check_distillation
 from ..train.loop import evaluate, fit, seed_everything
 from ..train.optim import build_optimizer, build_scheduler
-from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, exit_status, imagenet_model
+from .cli import USER_ERRORS, OneLineParser, add_distributed_argument, add_recovery_arguments, exit_status, \
+    imagenet_model
 from .folders import claim
 from .report import result_line, write_summary
 
@@ -258,14 +261,35 @@ def _warn_start_epoch(args: argparse.Namespace, prepared: Prepared) -> None:
                        args.start_epoch, resumed)
 
 
-def _check_inputs(args: argparse.Namespace, info: DistInfo) -> Tuple[Dataset, Dataset, int, Prepared]:
-    """This rank's data, checkpoint and (on rank 0) results folder, checked before any collective."""
+def teacher_model(args: argparse.Namespace, name: str, num_classes: int) -> Optional[nn.Module]:
+    """``--distill``'s dense teacher: ``--distill_teacher``'s weights, else those of a stage-1 masks checkpoint."""
+    if not args.distill:
+        if args.distill_teacher:
+            raise UsageError("--distill_teacher is used only with --distill")
+        return None
+    check_distillation(args.distill_temperature, args.distill_weight)
+    teacher = build_model(name, "imagenet", num_classes)
+    if args.distill_teacher:
+        load_pretrained(teacher, args.distill_teacher, what="--distill_teacher")
+        return teacher.eval()
+    kind, ckpt = load_pruned_checkpoint(args.resume) if args.resume else (None, None)
+    if kind != "masks":
+        raise UsageError("--distill needs the dense network as teacher: pass --distill_teacher PATH (only a stage-1 "
+                         "masks checkpoint carries the dense weights itself)")
+    load_state_dict_strict(teacher, ckpt["state_dict"], what=f"the dense weights of {str(args.resume)!r}")
+    return teacher.eval()
+
+
+def _check_inputs(args: argparse.Namespace, info: DistInfo
+                  ) -> Tuple[Dataset, Dataset, int, Prepared, Optional[nn.Module]]:
+    """This rank's data, checkpoint, teacher and (on rank 0) results folder, checked before any collective."""
     train_set, _, val_set = imagenet_datasets(args.dataroot, args.input_size, args.skip_unreadable)
     num_classes = len(train_set.classes)
     prepared = prepare_model(args, num_classes)
+    teacher = None if args.evaluate else teacher_model(args, prepared.model_name, num_classes)
     if info.is_main and not args.evaluate:
         ensure_writable_dir(Path(args.results_dir))
-    return train_set, val_set, num_classes, prepared
+    return train_set, val_set, num_classes, prepared, teacher
 
 
 def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
@@ -275,7 +299,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
     if not args.evaluate:
         args = argparse.Namespace(**{**vars(args), "results_dir": claim_results_dir(args, info)})
     seed_everything(args.seed)
-    train_set, val_set, num_classes, prepared = on_every_rank(lambda: _check_inputs(args, info), USER_ERRORS)
+    train_set, val_set, num_classes, prepared, teacher = on_every_rank(lambda: _check_inputs(args, info), USER_ERRORS)
     model = prepared.model
     enforce: Optional[Callable[[nn.Module], None]] = None
     if prepared.route == "masked":
@@ -312,7 +336,9 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, float]]:
               device=info.device, run_dir=results_dir, resume=prepared.retrain is not None,
               make_checkpoint=lambda: extra,
               label_smoothing=args.label_smoothing, amp=amp, after_step=enforce, is_main=info.is_main,
-              train_sampler=sampler, checkpoint_names=(CHECKPOINT_NAME, BEST_NAME), log_interval=args.log_interval)
+              train_sampler=sampler, checkpoint_names=(CHECKPOINT_NAME, BEST_NAME), log_interval=args.log_interval,
+              distill=None if teacher is None else Distillation(_to_device(teacher, info.device),
+                                                                args.distill_temperature, args.distill_weight))
     if info.is_main:
         final = _slim_final(model, prepared, num_classes, args) if prepared.route == "masked" else model
         _final_summary(final, log, prepared, args, num_classes)
@@ -352,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip images that cannot be decoded (counted in warnings) instead of failing")
+    add_recovery_arguments(p, reconstruct=False)
+    p.add_argument("--distill_teacher", metavar="PATH",
+                   help="the dense teacher's weights for --distill (default: those of a stage-1 masks checkpoint)")
     add_distributed_argument(p)
     return p
 

@@ -30,6 +30,7 @@ from ..files.checkpoint import (
     save_atomic,
     unwrap_model,
 )
+from .distill import Distillation
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,9 @@ def train_one_epoch(
     epoch: int = 0,
     log_interval: int = 20,
     disable_progress: bool = False,
+    distill: Distillation | None = None,
 ) -> dict[str, float]:
-    """Train one pass over `loader`, stepping `scheduler` every iteration.
+    """Train one pass over `loader`, stepping `scheduler` every iteration (with `distill`, against its teacher too).
 
     `after_step(model)` gets the unwrapped model after each optimiser step (e.g. to re-zero pruned weights).
     AMP and channels_last apply only on CUDA. Returns mean `loss`, `top1` (percent) and the epoch's starting `lr`.
@@ -155,7 +157,7 @@ def train_one_epoch(
         images, targets = _batch_to(batch, device)
         with _autocast(device, amp):
             logits = model(images)
-            loss = criterion(logits, targets)
+            loss = criterion(logits, targets) if distill is None else distill.loss(logits, targets, images, criterion)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -258,6 +260,7 @@ def fit(
     train_sampler: Any = None,
     checkpoint_names: tuple[str, str] = ("last.pth", "best.pth"),
     log_interval: int = 20,
+    distill: Distillation | None = None,
 ) -> pd.DataFrame:
     """Train and test for `epochs`, writing run_dir/log.csv, run_dir/last.pth and (on a new best) run_dir/best.pth
     after every epoch; `resume=True` continues from last.pth and ends exactly as an uninterrupted run.
@@ -266,7 +269,7 @@ def fit(
     Returns the per-epoch log (epochs numbered from 1). The result is the LAST epoch's test accuracy,
     `attrs["final_top1"]`; `attrs["best_top1"]`/`attrs["best_epoch"]` are reported alongside, never substituted.
     `make_checkpoint()` adds entries (slim model, masks, args) to each checkpoint; `on_epoch_end(epoch, row)` runs
-    on every rank after the epoch's files are written.
+    on every rank after the epoch's files are written. `distill` fine-tunes against a teacher (see `train.distill`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -299,6 +302,7 @@ def fit(
             train = train_one_epoch(
                 model, train_loader, optimizer, scheduler, device, criterion=criterion, scaler=scaler,
                 amp=use_amp, after_step=after_step, epoch=epoch, log_interval=log_interval, disable_progress=not is_main,
+                distill=distill,
             )
             test = evaluate(model, test_loader, device, amp=use_amp, disable_progress=not is_main)
             row = {

@@ -1,0 +1,68 @@
+"""The held-out quality bench's inputs: the adapted-network cache and bad input, on tiny real data."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import adaptation  # noqa: E402
+import bench_quality  # noqa: E402
+from cdp_gfi import build_model  # noqa: E402
+from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
+from cdp_gfi.data.samplers import make_loader  # noqa: E402
+
+
+@pytest.fixture()
+def checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "resnet20.th"
+    torch.save({"state_dict": build_model("resnet20", "cifar10").state_dict()}, path)
+    return path
+
+
+def test_the_adapted_network_cache_reuses_one_recipe_and_rebuilds_for_another(cifar_root, checkpoint, tmp_path,
+                                                                              monkeypatch, capsys):
+    calls = []
+
+    def fine_tune(model, name, splits, test, epochs, *rest, **kw):  # stands in for the epochs of training
+        calls.append(epochs)
+        with torch.no_grad():
+            next(model.parameters()).add_(float(epochs))
+        return 50.0
+
+    monkeypatch.setattr(adaptation, "fine_tune", fine_tune)
+    splits = cifar_datasets(cifar_root, check_integrity=False)
+    test = make_loader(splits[2], 64, shuffle=False)
+    cache = tmp_path / "cache"
+    first, recipe = adaptation.adapted("resnet20", checkpoint, splits, test, 1, cifar_root, cache)
+    again, same = adaptation.adapted("resnet20", checkpoint, splits, test, 1, cifar_root, cache)
+    assert calls == [1] and same == recipe
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
+    adaptation.adapted("resnet20", checkpoint, splits, test, 2, cifar_root, cache)  # another recipe: rebuilt
+    assert calls == [1, 2] and len(list(cache.iterdir())) == 2
+    stored = torch.load(recipe["path"], weights_only=True)  # a file whose recipe is not its name's: rebuilt
+    torch.save({**stored, "recipe": {**stored["recipe"], "lr": 0.5}}, recipe["path"])
+    adaptation.adapted("resnet20", checkpoint, splits, test, 1, cifar_root, cache)
+    assert calls == [1, 2, 1] and "another recipe; rebuilding" in capsys.readouterr().err
+
+
+def test_a_data_root_without_the_layout_names_to_pickle(tmp_path, checkpoint, capsys):
+    assert bench_quality.main(["--dataroot", str(tmp_path), "--nets", f"resnet20={checkpoint}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "to_pickle.py" in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--adapt_epochs", "--epochs"])
+def test_negative_epochs_are_one_error_line(cifar_root, checkpoint, capsys, flag):
+    assert bench_quality.main(["--dataroot", str(cifar_root), "--nets", f"resnet20={checkpoint}", flag, "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "must be >= 0" in err[0]
+
+
+def test_unknown_rows_and_recovery_on_rows_without_masks_are_refused():
+    assert bench_quality.parse_method("cdp+rec+kd") == ("cdp", ("rec", "kd"))
+    for bad in ("cdp+foo", "nope", "dense+rec", "tp-global+kd"):
+        with pytest.raises(ValueError):
+            bench_quality.parse_method(bad)
