@@ -45,12 +45,18 @@ def fenced(language: str) -> List[str]:
 
 
 def shell_commands() -> List[List[str]]:
-    """Every command of the README's bash blocks as words (continued lines joined, comments dropped)."""
+    """Every command of the README's bash blocks as words (continued lines joined, comments dropped, ``&&``
+    chains split)."""
     words = []
     for block in fenced("bash"):
         for line in block.replace("\\\n", " ").splitlines():
-            if shlex.split(line, comments=True):
-                words.append(shlex.split(line, comments=True))
+            command: List[str] = []
+            for word in shlex.split(line, comments=True) + ["&&"]:
+                if word != "&&":
+                    command.append(word)
+                elif command:
+                    words.append(command)
+                    command = []
     return words
 
 
