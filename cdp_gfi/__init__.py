@@ -7,7 +7,7 @@ from . import _quiet  # noqa: F401  (first: filters third-party noise before NNI
 from .files.pretrained import load_pretrained
 from .flops import count_flops, layer_table
 from .graph.scope import default_scope
-from .masks.pruners import CDPPruner, GFIPruner
+from .pruners import CDPPruner, GFIPruner
 from .masks.select import LayerEmptiedError, apply_masks, select, to_nni_masks
 from .models import build_model
 from .scores.importance import cdp_scores, compute_scores, gfi_scores, scores_from_statistics

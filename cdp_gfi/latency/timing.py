@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 from torch import nn
-from torch.utils import benchmark
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import Measurement
 
 
 class Timer(Protocol):
@@ -34,8 +36,10 @@ class BenchmarkTimer:
         self.min_run_time, self.warmup = min_run_time, warmup
 
     @torch.no_grad()
-    def measurement(self, module: nn.Module, x: torch.Tensor) -> benchmark.Measurement:
+    def measurement(self, module: nn.Module, x: torch.Tensor) -> "Measurement":
         """All timed blocks (median, interquartile range, ...) after ``warmup`` untimed calls."""
+        from torch.utils import benchmark  # imported here: it loads cpp_extension, which logs on CUDA-less hosts
+
         for _ in range(self.warmup):
             module(x)
         timer = benchmark.Timer("module(x)", globals={"module": module, "x": x}, num_threads=self.threads)

@@ -31,18 +31,18 @@ from nni.compression.base.compressor import Pruner
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from ..graph.scope import follower_convs, prunable_units, resolve_config_list
-from ..graph.sites import read_points
-from ..graph.channels import pinned_ops
-from ..graph.leaves import LeafSpec, torch_base
-from ..graph.trace import trace
-from ..latency.select import LatencyResult, select_for_latency
-from ..latency.timing import Timer, check_batch, resolve_device
-from ..scores.importance import scores_from_statistics, statistics_kinds
-from ..statistics.collect import _split_batch, collect_statistics
-from ..statistics.store import Statistics
-from .select import check_fraction, select, to_nni_masks
-from .variants import resolve_variant
+from .graph.scope import follower_convs, prunable_units, resolve_config_list
+from .graph.sites import read_points
+from .graph.channels import pinned_ops
+from .graph.leaves import LeafSpec, torch_base
+from .graph.trace import trace
+from .latency.select import LatencyResult, select_for_latency
+from .latency.timing import Timer, check_batch, resolve_device
+from .scores.importance import scores_from_statistics, statistics_kinds
+from .statistics.collect import _split_batch, collect_statistics
+from .statistics.store import Statistics
+from .masks.select import check_fraction, select, to_nni_masks
+from .masks.variants import resolve_variant
 
 
 class _StatisticsPruner(Pruner):
