@@ -241,7 +241,7 @@ BAD = [
     (["--flops_reduction", "0.4,1"], "strictly between 0 and 1"),
     (["--sparsity", "0.3", "--flops_reduction", "0.4"], "exactly one of"),
     ([], "exactly one of"),
-    (["--sparsity", "0.3", "--model", "resnet20"], "invalid choice"),
+    (["--sparsity", "0.3", "--model", "resnet20"], "unknown model 'resnet20' for dataset 'imagenet'"),
     (["--sparsity", "0.3", "--dist_timeout", "0"], "--dist_timeout"),
     (["--sparsity", "0.3", "--input_size", "8"], "--input_size"),
 ]
