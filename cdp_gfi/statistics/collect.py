@@ -41,14 +41,14 @@ def _split_batch(batch):
                           "the loader must yield tensors or (inputs, labels) pairs")
 
 
-def infer_num_classes(model: nn.Module, dummy_input: Optional[torch.Tensor] = None) -> int:
-    """The model's number of classes: its last Linear layer's width, else its output's width on ``dummy_input``.
-
-    (A head of 1x1 convs and pooling, as in DLA, has no Linear layer.)
-    """
+def infer_num_classes(model: nn.Module, dummy_input: Optional[torch.Tensor] = None, data=None) -> int:
+    """The model's number of classes: its last Linear layer's width, else its output's width on ``dummy_input``
+    (or on the first batch of ``data``). A head of 1x1 convs and pooling, as in DLA, has no Linear layer."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if linears:
         return linears[-1].out_features
+    if dummy_input is None and data is not None:
+        dummy_input = _first_input(data)
     if dummy_input is not None:
         param = next(model.parameters(), None)
         was_training = model.training
@@ -68,7 +68,8 @@ def _first_input(data) -> Optional[torch.Tensor]:
     """The inputs of a loader's first batch (None for an NNI evaluator: it has its own dummy input)."""
     if _is_evaluator(data):
         return None
-    return _split_batch(next(iter(data)))[0]
+    batch = next(iter(data), None)
+    return None if batch is None else _split_batch(batch)[0]
 
 
 def plan_gfi_passes(shapes: Dict[str, Sequence[int]], num_classes: int,
@@ -130,7 +131,7 @@ def collect_statistics(model: nn.Module, data, layers: Sequence[str],
     if not_conv or not layers:
         raise StatisticsError(f"layers must name Conv2d modules of the model; bad: {not_conv or 'none given'}")
     device = device or next(model.parameters()).device
-    k = num_classes or infer_num_classes(model, dummy_input if dummy_input is not None else _first_input(data))
+    k = num_classes or infer_num_classes(model, dummy_input, data)
     needs_labels = bool(set(kinds) & {"cdp_class", "gfi"})
     ordered = is_class_ordered(data) if class_ordered is None else class_ordered
 
