@@ -149,6 +149,34 @@ def test_a_trace_error_names_the_line_and_the_way_out():
         trace(Branchy(), torch.zeros(1, 3, 8, 8))
 
 
+class ConvHead(nn.Module):
+    """timm's ConvMlp: a 7x7 conv head that pools smaller maps up to 7x7 first (control flow on a shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Conv2d(32, 24, 7)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.shape[-2] < 7 or x.shape[-1] < 7:
+            x = F.adaptive_avg_pool2d(x, (max(7, x.shape[-2]), max(7, x.shape[-1])))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [16, 32])  # feature maps 4x4 (pooled up to 7x7) and 8x8 (not pooled)
+def test_control_flow_on_shapes_takes_the_dummy_inputs_branch(size):
+    model = randomized_bn(ConvHead()).eval()
+    with pytest.warns(UserWarning, match=r"decided for an input of shape \(1, 3, %d, %d\).*"
+                                         r"test_any_library.py:\d+ `if x.shape\[-2\] < 7" % (size, size)):
+        masked, out, pruner, _ = prune_and_slim(model, CDPPruner, size=size, flops_reduction=0.3)
+    assert set(unit_convs(pruner.units)) == {"features.0", "features.3", "head"}
+    assert model.features[3].out_channels < 32 and model.head.in_channels == model.features[3].out_channels
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+
+
 def test_leaf_modules_get_past_an_untraceable_block():
     class Gate(nn.Module):
         def forward(self, x):

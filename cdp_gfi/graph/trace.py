@@ -5,6 +5,7 @@ import inspect
 import linecache
 import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -83,7 +84,7 @@ def trace(model: nn.Module, dummy_input: torch.Tensor, leaf_modules: Sequence[Le
     (module classes or qualified names) stay single nodes; arguments of
     ``forward`` after the input that have defaults are traced at them.
     """
-    gm = fx_trace(model, leaf_modules)
+    gm = fx_trace(model, leaf_modules, dummy_input[:1].to(_device_of(model)))
     was_training = model.training
     model.eval()
     try:
@@ -94,10 +95,14 @@ def trace(model: nn.Module, dummy_input: torch.Tensor, leaf_modules: Sequence[Le
     return ModelGraph(gm=gm, modules=dict(gm.named_modules()), leaf_modules=tuple(leaf_modules))
 
 
-def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphModule:
-    """The GraphModule of ``model`` as ``trace`` sees it (``LeafTracer``, defaults of extra arguments)."""
-    tracer = LeafTracer(leaf_modules)
+def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
+             example: Optional[torch.Tensor] = None) -> fx.GraphModule:
+    """The GraphModule of ``model`` as ``trace`` sees it (``LeafTracer``, defaults of extra arguments).
+
+    With an ``example`` input, conditions on traced values take the branch of that input (warned, by line).
+    """
     defaults = default_arguments(model)
+    tracer = LeafTracer(leaf_modules, None if example is None else (example, *defaults.values()))
     try:
         graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; name the line and how to get past it
@@ -106,6 +111,9 @@ def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.Grap
                          "pruning scope, coupled groups and slimming all read the traced graph: make that forward() "
                          "free of data-dependent control flow, or keep the module whole by passing its class or "
                          "name in leaf_modules=[...] (its channels are then pinned)", module) from exc
+    if tracer.resolved:
+        warnings.warn(f"{type(model).__name__}: control flow on traced values was decided for an input of shape "
+                      f"{tuple(example.shape)}: " + "; ".join(dict.fromkeys(tracer.resolved)), stacklevel=2)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if defaults:
         _drop_specialisation_checks(gm)
@@ -136,9 +144,9 @@ def _drop_specialisation_checks(gm: fx.GraphModule) -> None:
 def _culprit(model: nn.Module, exc: BaseException) -> Tuple[str, Optional[str]]:
     """Where tracing failed: the innermost line of the model's own code, and the module running it (its name)."""
     tb, frame = exc.__traceback__, None
-    torch_dir = os.path.dirname(torch.__file__)
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # fx and our tracer
     while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(torch_dir):
+        if not tb.tb_frame.f_code.co_filename.startswith(skipped):
             frame = tb
         tb = tb.tb_next
     if frame is None:

@@ -136,7 +136,7 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
                   for name, entry in with_batchnorm_masks(graph, masks).items()}
     padding = _padding_owners(graph, masks)
     was_training = model.training
-    gm = fx_trace(model, graph.leaf_modules)
+    gm = fx_trace(model, graph.leaf_modules, dummy_input[:1])
     # NNI restores the graph module's own train flag onto every submodule midway; a fresh
     # GraphModule says "train", and BatchNorm running stats would drift on the random batches.
     gm.eval()
