@@ -77,6 +77,9 @@ def _model(name: str) -> nn.Module:
             mod.running_var.uniform_(0.5, 1.5)
             mod.weight.data.uniform_(0.5, 1.5)
             mod.bias.data.uniform_(-0.1, 0.1)
+    for name, param in model.named_parameters():
+        if name.rpartition(".")[2] == "gamma":  # layer scales (ConvNeXt's start at 1e-6): trained ones are not tiny
+            param.data.uniform_(0.5, 1.5)
     return model.eval()
 
 

@@ -177,6 +177,41 @@ def test_control_flow_on_shapes_takes_the_dummy_inputs_branch(size):
     assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: its weight and bias are read by the traced forward."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class MiniNeXt(nn.Module):
+    """A ConvNeXt stem and block: LayerNorm2d and a layer scale, parameters the graph reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, 16, 2, 2), LayerNorm2d(16)
+        self.dw, self.norm = nn.Conv2d(16, 16, 7, padding=3, groups=16), LayerNorm2d(16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 16, 1)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(x)))))
+        return self.head((x + y.mul(self.gamma.reshape(1, -1, 1, 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pruner_cls", [CDPPruner, GFIPruner])
+def test_parameters_read_in_the_forward_are_not_taken_for_a_batch(pruner_cls):
+    # NNI took the 16-element LayerNorm weight and layer scale for batches of 8 and emptied the network
+    model = MiniNeXt().eval()
+    masked, out, pruner, counted = prune_and_slim(model, pruner_cls, flops_reduction=0.3)
+    assert model.fc1.out_channels < 64 and model.fc2.in_channels == model.fc1.out_channels
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+    assert count_flops(model, (3, 32, 32))[0] == counted
+
+
 def test_leaf_modules_get_past_an_untraceable_block():
     class Gate(nn.Module):
         def forward(self, x):

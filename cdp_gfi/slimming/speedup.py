@@ -3,17 +3,20 @@
 ModelSpeedup's own tracer fails from torch 2.2 on, so an fx trace is passed
 in; its chatter is silenced, and the sparsity figures it computes for every
 graph node only to log them (a ``nonzero`` over each batch-8 activation,
-a quarter of its time on ResNet-18) are skipped.
+a quarter of its time on ResNet-18) are skipped. Its random batch is sized
+so that no parameter read in the graph looks batched (``nni_batch_size``).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import operator
 from typing import Dict, Iterator, Optional, Sequence
 from unittest import mock
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..flops import keep_vectors
@@ -112,6 +115,22 @@ def _padding_owners(graph: ModelGraph, masks) -> Dict[str, tuple]:
     return owners
 
 
+def nni_batch_size(gm: fx.GraphModule, at_least: int) -> int:
+    """The smallest batch size from ``at_least`` on that divides the size of no tensor the graph reads directly.
+
+    NNI takes any tensor whose size is a multiple of its batch size for a batch of activations, and
+    randomises and masks it as one. A parameter used in the forward (a functional LayerNorm's weight,
+    ConvNeXt's layer scale: 40 to 320 channels against a batch of 8) was then masked to nothing and NNI
+    emptied the whole network (EmptyLayerError).
+    """
+    read = (operator.attrgetter(n.target)(gm) for n in gm.graph.nodes if n.op == "get_attr")
+    sizes = {t.numel() for t in read if torch.is_tensor(t)}
+    batch = at_least
+    while any(size > batch and size % batch == 0 for size in sizes):
+        batch += 1
+    return batch
+
+
 def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], dummy_input: torch.Tensor,
          graph: Optional[ModelGraph] = None, batch_size: int = 8, leaf_modules: Sequence[LeafSpec] = ()
          ) -> nn.Module:
@@ -142,7 +161,8 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
     gm.eval()
     try:
         with _silenced(), torch.enable_grad():  # NNI propagates sparsity through gradients
-            ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=batch_size, graph_module=gm,
+            ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=nni_batch_size(gm, batch_size),
+                         graph_module=gm,
                          customized_replacers=[_subclass_replacer()], logger=_QUIET).speedup_model()
     finally:
         model.train(was_training)  # NNI's replacement modules are new, hence in train mode
