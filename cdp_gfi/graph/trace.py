@@ -40,6 +40,7 @@ ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 CHUNK_FUNCTIONS = {torch.chunk}
+SPLIT_FUNCTIONS = {torch.split}
 
 
 class TraceError(RuntimeError):
@@ -61,6 +62,7 @@ class ModelGraph:
     gm: fx.GraphModule
     modules: Dict[str, nn.Module] = field(repr=False)
     leaf_modules: Tuple[LeafSpec, ...] = ()  # kept whole by the tracer, beside the layers (``leaves``)
+    model: Optional[nn.Module] = field(default=None, repr=False)  # the traced model (its attributes, not copied)
     _steps: Optional[Dict[fx.Node, "Step"]] = field(default=None, repr=False)
 
     def module_of(self, node: fx.Node) -> Optional[nn.Module]:
@@ -92,7 +94,7 @@ def trace(model: nn.Module, dummy_input: torch.Tensor, leaf_modules: Sequence[Le
             ShapeProp(gm).propagate(dummy_input[:1].to(_device_of(model)))
     finally:
         model.train(was_training)
-    return ModelGraph(gm=gm, modules=dict(gm.named_modules()), leaf_modules=tuple(leaf_modules))
+    return ModelGraph(gm=gm, modules=dict(gm.named_modules()), leaf_modules=tuple(leaf_modules), model=model)
 
 
 def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
@@ -194,6 +196,28 @@ def is_flatten(graph: ModelGraph, node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in FLATTEN_METHODS:
         return len(graph.shape(node)) == 2
     return False
+
+
+def split_owner(model: Optional[nn.Module], node: fx.Node) -> Optional[Tuple[str, str]]:
+    """(module, attribute) holding the sizes of ``torch.split(x, sizes, 1)`` (timm's MixedConv2d: ``splits``).
+
+    The split is made inside a module that keeps its sizes as one attribute
+    of that value: slimming rewrites it to the channels each part keeps. None
+    when it is not a channel split or no single attribute matches.
+    """
+    is_split = ((node.op == "call_method" and node.target == "split")
+                or (node.op == "call_function" and node.target in SPLIT_FUNCTIONS))
+    if not is_split or model is None or len(node.args) < 2:
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    sizes = node.args[1]
+    if dim not in (1, -3) or not isinstance(sizes, (list, tuple)):
+        return None
+    path = next(reversed(node.meta.get("nn_module_stack", {}) or {"": None}), "")
+    owner = model.get_submodule(path) if path else model
+    names = [k for k, v in vars(owner).items() if not k.startswith("_") and isinstance(v, (list, tuple))
+             and list(v) == list(sizes)]
+    return (path, names[0]) if len(names) == 1 else None
 
 
 def channel_padding(node: fx.Node) -> Optional[Tuple[int, int]]:

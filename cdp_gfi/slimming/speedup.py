@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 import operator
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from ..flops import keep_vectors
 from ..graph.channels import live_channels
 from ..graph.leaves import LAYER_TYPES, LeafSpec, adopt_, torch_base
-from ..graph.trace import ModelGraph, channel_padding, fx_trace, trace
+from ..graph.trace import ModelGraph, channel_padding, fx_trace, split_owner, trace
 from ..masks.select import with_batchnorm_masks
 
 _QUIET = logging.getLogger("cdp_gfi.slim.nni")
@@ -115,6 +115,19 @@ def _padding_owners(graph: ModelGraph, masks) -> Dict[str, tuple]:
     return owners
 
 
+def _split_sizes(graph: ModelGraph, masks) -> Dict[Tuple[str, str], List[int]]:
+    """The channels each part of a module's ``torch.split`` keeps, by (module, attribute holding the sizes)."""
+    live = live_channels(graph, keep_vectors(masks))
+    out = {}
+    for node in graph.gm.graph.nodes:
+        owner = split_owner(graph.model, node)
+        vec = live.get(node.args[0]) if owner is not None else None
+        if vec is not None:
+            ends = torch.tensor(node.args[1]).cumsum(0).tolist()
+            out[owner] = [int(vec[end - size:end].sum()) for end, size in zip(ends, node.args[1])]
+    return out
+
+
 def nni_batch_size(gm: fx.GraphModule, at_least: int) -> int:
     """The smallest batch size from ``at_least`` on that divides the size of no tensor the graph reads directly.
 
@@ -153,7 +166,7 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
     # Copies: ModelSpeedup writes into the mask tensors it is given (scope "all" turned kept-filter rows to ones).
     full_masks = {name: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
                   for name, entry in with_batchnorm_masks(graph, masks).items()}
-    padding = _padding_owners(graph, masks)
+    padding, split_sizes = _padding_owners(graph, masks), _split_sizes(graph, masks)
     was_training = model.training
     gm = fx_trace(model, graph.leaf_modules, dummy_input[:1])
     # NNI restores the graph module's own train flag onto every submodule midway; a fresh
@@ -166,6 +179,9 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
                          customized_replacers=[_subclass_replacer()], logger=_QUIET).speedup_model()
     finally:
         model.train(was_training)  # NNI's replacement modules are new, hence in train mode
+    for (path, attr), sizes in split_sizes.items():
+        owner = model.get_submodule(path) if path else model
+        setattr(owner, attr, type(getattr(owner, attr))(sizes))
     for path, (in_keep, out_keep) in padding.items():
         parent, _, leaf = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
