@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import multiprocessing
+import signal
 import time
 import traceback
 import warnings
@@ -77,6 +78,9 @@ def _model(name: str) -> nn.Module:
             mod.running_var.uniform_(0.5, 1.5)
             mod.weight.data.uniform_(0.5, 1.5)
             mod.bias.data.uniform_(-0.1, 0.1)
+    for name, param in model.named_parameters():
+        if name.rpartition(".")[2] == "gamma":  # layer scales (ConvNeXt's start at 1e-6): trained ones are not tiny
+            param.data.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -171,6 +175,8 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
         row.update(convs_pruned=sum(1 for n in convs if now.get(n, 0) < widths[n]),
                    macs_before_M=round(macs0 / 1e6, 2), macs_after_M=round(macs1 / 1e6, 2),
                    **{"reduction_%": round(100 * (1 - macs1 / macs0), 1)})
+    except RowTimeout:
+        raise
     except Exception as err:  # a competitor's failure is a result, not a crash
         where = traceback.extract_tb(err.__traceback__)[-1].name
         row.update(convs_pruned=0, note=f"{type(err).__name__} in {where}: {str(err)[:100]}")
@@ -178,19 +184,35 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
     return row
 
 
-def run_job(job: Tuple[str, str, int, float, int]) -> Dict:
-    """One row: ``scope`` is a scope of ours, ``api-cdp`` / ``api-gfi`` or ``torch-pruning``; failures are rows."""
-    name, scope, size, target, threads = job
+class RowTimeout(Exception):
+    """A row ran past ``--timeout``."""
+
+
+def _alarm(signum, frame):
+    raise RowTimeout
+
+
+def run_job(job: Tuple[str, str, int, float, int, int]) -> Dict:
+    """One row: ``scope`` is a scope of ours, ``api-cdp`` / ``api-gfi`` or ``torch-pruning``; failures and
+    rows that run past ``timeout`` seconds (Torch-Pruning hung on some models) are rows."""
+    name, scope, size, target, threads, timeout = job
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*(deprecated|pytree).*")
+    tool = "torch-pruning" if scope == "torch-pruning" else f"cdp_gfi {scope}"
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
     try:
         if scope == "torch-pruning":
             return torch_pruning(name, size, target)
         if scope.startswith("api-"):
             return api(name, scope[4:], size, target)
         return ours(name, scope, size, target)
+    except RowTimeout:
+        return dict(model=name, tool=tool, note=f"timed out after {timeout} s", seconds=timeout)
     except Exception as err:
-        return dict(model=name, tool=f"cdp_gfi {scope}", note=f"{type(err).__name__}: {str(err)[:120]}")
+        return dict(model=name, tool=tool, note=f"{type(err).__name__}: {str(err)[:120]}")
+    finally:
+        signal.alarm(0)
 
 
 def main() -> None:
@@ -205,6 +227,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
     parser.add_argument("--jobs", type=int, default=1, help="processes, one model row each at a time (2 on 2 idle "
                                                             "cores: one thread each never waits on the other)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds a row may take before it is recorded as "
+                                                                  "timed out")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -213,7 +237,7 @@ def main() -> None:
     jobs = [(m, s) for m in models for s in args.scopes.split(",") if s]
     jobs += [(m, f"api-{method}") for m in models for method in ("cdp", "gfi")] if args.api else []
     jobs += [] if args.no_competitor else [(m, "torch-pruning") for m in models]
-    work = [(name, scope, args.size, args.target, args.threads) for name, scope in jobs]
+    work = [(name, scope, args.size, args.target, args.threads, args.timeout) for name, scope in jobs]
     with multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(run_job, work) if pool else map(run_job, work)
         for row in tqdm(results, total=len(work), desc="coverage"):

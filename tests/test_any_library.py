@@ -149,6 +149,123 @@ def test_a_trace_error_names_the_line_and_the_way_out():
         trace(Branchy(), torch.zeros(1, 3, 8, 8))
 
 
+class ConvHead(nn.Module):
+    """timm's ConvMlp: a 7x7 conv head that pools smaller maps up to 7x7 first (control flow on a shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Conv2d(32, 24, 7)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.shape[-2] < 7 or x.shape[-1] < 7:
+            x = F.adaptive_avg_pool2d(x, (max(7, x.shape[-2]), max(7, x.shape[-1])))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("size", [16, 32])  # feature maps 4x4 (pooled up to 7x7) and 8x8 (not pooled)
+def test_control_flow_on_shapes_takes_the_dummy_inputs_branch(size):
+    torch.manual_seed(0)
+    model = randomized_bn(ConvHead()).eval()
+    with pytest.warns(UserWarning, match=r"decided for an input of shape \(1, 3, %d, %d\).*"
+                                         r"test_any_library.py:\d+ `if x.shape\[-2\] < 7" % (size, size)):
+        masked, out, pruner, _ = prune_and_slim(model, CDPPruner, size=size, flops_reduction=0.3)
+    assert set(unit_convs(pruner.units)) == {"features.0", "features.3", "head"}
+    assert model.features[3].out_channels < 32 and model.head.in_channels == model.features[3].out_channels
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: its weight and bias are read by the traced forward."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class MiniNeXt(nn.Module):
+    """A ConvNeXt stem and block: LayerNorm2d and a layer scale, parameters the graph reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, 16, 2, 2), LayerNorm2d(16)
+        self.dw, self.norm = nn.Conv2d(16, 16, 7, padding=3, groups=16), LayerNorm2d(16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 16, 1)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(x)))))
+        return self.head((x + y.mul(self.gamma.reshape(1, -1, 1, 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pruner_cls", [CDPPruner, GFIPruner])
+def test_parameters_read_in_the_forward_are_not_taken_for_a_batch(pruner_cls):
+    # NNI took the 16-element LayerNorm weight and layer scale for batches of 8 and emptied the network
+    torch.manual_seed(0)
+    model = MiniNeXt().eval()
+    masked, out, pruner, counted = prune_and_slim(model, pruner_cls, flops_reduction=0.3)
+    assert model.fc1.out_channels < 64 and model.fc2.in_channels == model.fc1.out_channels
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+    assert count_flops(model, (3, 32, 32))[0] == counted
+
+
+class MixedDepthwise(nn.Module):
+    """timm's MixedConv2d: channels split in unequal parts held as ``self.splits``, one kernel size per part."""
+
+    def __init__(self, splits):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 2 * i + 3, padding=i + 1, groups=c) for i, c in enumerate(splits))
+        self.splits = splits
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1)
+
+
+class MixNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn = nn.Conv2d(3, 48, 1), nn.BatchNorm2d(48)
+        self.mixed = MixedDepthwise([24, 16, 8])
+        self.project = nn.Conv2d(48, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.mixed(F.relu(self.bn(self.expand(x))))
+        return self.fc(self.project(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pruner_cls", [CDPPruner, GFIPruner])
+def test_unequal_splits_held_by_their_module_are_resized(pruner_cls):
+    torch.manual_seed(0)
+    model = randomized_bn(MixNet())
+    masked, out, pruner, counted = prune_and_slim(model, pruner_cls)  # half of the filters
+    kept = [conv.out_channels for conv in model.mixed.convs]
+    assert model.mixed.splits == kept and sum(kept) == model.expand.out_channels < 48
+    assert isinstance(model.mixed.splits, list)
+    assert (out - masked).abs().max() <= 1e-5 * masked.abs().max()
+    assert count_flops(model, (3, 32, 32))[0] == counted
+
+
+def test_a_split_whose_sizes_no_module_holds_pins_its_channels():
+    class Literal(MixedDepthwise):
+        def forward(self, x):
+            parts = torch.split(x, [24, 16, 8], 1)
+            return torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1)
+
+    model = MixNet()
+    model.mixed = Literal([24, 16, 8])
+    del model.mixed.splits  # the sizes are in the code only
+    with pytest.warns(UserWarning, match="through split"):
+        units = prunable_units(trace(model, torch.zeros(1, 3, 32, 32)), "all")
+    assert "expand" not in unit_convs(units) and "project" in unit_convs(units)
+
+
 def test_leaf_modules_get_past_an_untraceable_block():
     class Gate(nn.Module):
         def forward(self, x):

@@ -23,6 +23,7 @@ from .trace import (
     is_depthwise,
     is_flatten,
     is_spatial_slice,
+    split_owner,
 )
 
 LAYER_KINDS = ("conv", "grouped", "depthwise", "linear")
@@ -163,7 +164,10 @@ def _step(graph: ModelGraph, node: fx.Node, steps: Dict[fx.Node, Step]) -> Step:
         return Step("route", parts, [(i, j) for i, p in enumerate(parts) for j in range(channels(p))])
     if _is_split(node):  # equal chunks: every chunk must lose the same channels
         return Step("route", [x], _identity(x), groups=len(node.meta["tensor_meta"]))
-    if node.op == "call_function" and node.target is operator.getitem and x is not None and _is_split(x):
+    if split_owner(graph.model, node) is not None:  # unequal parts, re-sized at slimming
+        return Step("route", [x], _identity(x))
+    if (node.op == "call_function" and node.target is operator.getitem and x is not None
+            and (_is_split(x) or split_owner(graph.model, x) is not None)):
         start = sum(int(m.shape[1]) for m in x.meta["tensor_meta"][: node.args[1]])
         return Step("route", [x], [(0, start + j) for j in range(channels(node))])
     touches = any(len(getattr(a.meta.get("tensor_meta"), "shape", ())) >= 3 for a in node.all_input_nodes)
@@ -194,7 +198,7 @@ def _is_channel_dim(node: fx.Node, position: int) -> bool:
 def _is_split(node: fx.Node) -> bool:
     """``x.chunk(n, 1)`` into equal parts: a tuple of channel slices, re-cut evenly at run time.
 
-    (``split`` with explicit sizes is not one: its sizes would not follow a slimmed input.)
+    (``split`` with explicit sizes is not one: its sizes are rewritten when a module holds them, ``split_owner``.)
     """
     is_chunk = ((node.op == "call_method" and node.target == "chunk")
                 or (node.op == "call_function" and node.target in CHUNK_FUNCTIONS))

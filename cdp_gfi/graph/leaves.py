@@ -10,7 +10,9 @@ standardised over the input channels, say) is found by a probe and pinned.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence, Union
+import os
+import traceback
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -19,19 +21,89 @@ from torch import nn
 LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 LeafSpec = Union[str, type]  # a module's qualified name, or a module class (instances of it, subclasses too)
 _EXACT: Dict[type, bool] = {}  # probe results per subclass
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 class LeafTracer(fx.Tracer):
-    """fx's tracer, keeping layers (subclasses too) and the user's ``leaf_modules`` as single nodes."""
+    """fx's tracer, keeping layers (subclasses too) and the user's ``leaf_modules`` as single nodes.
 
-    def __init__(self, leaf_modules: Sequence[LeafSpec] = ()) -> None:
+    Given ``example`` inputs (the dummy, then the defaults of extra arguments),
+    a condition on a traced value (``if x.shape[-1] < 7:``) is evaluated on
+    them and the branch taken is traced, instead of failing: the graph is then
+    the one of that input size, which is what the channel analysis reads.
+    ``resolved`` lists the source lines so decided.
+    """
+
+    def __init__(self, leaf_modules: Sequence[LeafSpec] = (), example: Optional[Sequence[object]] = None) -> None:
         super().__init__()
         self.names = {s for s in leaf_modules if isinstance(s, str)}
         self.types = tuple(s for s in leaf_modules if isinstance(s, type))
+        self.example = example
+        self.resolved: List[str] = []
+        self._env: Optional[fx.Interpreter] = None
+        self._evaluating = False  # fx's patched module calls and attribute reads then run for real
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        return forward(*args, **kwargs) if self._evaluating else super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache):
+        return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (isinstance(m, LAYER_TYPES + self.types) or module_qualified_name in self.names
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.example is None or not _reads_shapes_only(obj.node):  # data-dependent: no single branch is right
+            return super().to_bool(obj)
+        value = bool(self._value(obj.node))
+        frame = next((f for f in reversed(traceback.extract_stack()[:-1])
+                      if not f.filename.startswith(_TORCH_DIR)), None)
+        if frame is not None:
+            self.resolved.append(f"{os.path.basename(frame.filename)}:{frame.lineno} `{frame.line}` -> {value}")
+        return value
+
+    @torch.no_grad()
+    def _value(self, target: fx.Node) -> object:
+        """Run the graph traced so far on the example, up to ``target`` (eval mode, nothing updated)."""
+        if self._env is None:
+            self._env = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
+            self._env.args_iter = iter(self.example)
+        modes = {m: m.training for m in self.root.modules()}
+        self.root.eval()
+        self._evaluating = True
+        try:
+            for node in self.graph.nodes:
+                if node not in self._env.env:
+                    self._env.env[node] = self._env.run_node(node)
+                if node is target:
+                    return self._env.env[node]
+        finally:
+            self._evaluating = False
+            for m, mode in modes.items():
+                m.training = mode
+        raise RuntimeError(f"node {target.name} is not in the graph being traced")
+
+
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim"}
+
+
+def _reads_shapes_only(node: fx.Node) -> bool:
+    """Whether ``node`` depends on tensors only through their shapes (``x.shape[-1] < 7``, ``x.dim() == 4``)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
+                n.op == "call_function" and n.target is getattr and n.args[1] in _SHAPE_ATTRIBUTES):
+            continue
+        if n.op in ("placeholder", "call_module", "get_attr"):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
 
 
 def torch_base(module: nn.Module) -> type:

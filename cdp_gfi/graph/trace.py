@@ -5,6 +5,7 @@ import inspect
 import linecache
 import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -39,6 +40,7 @@ ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 CHUNK_FUNCTIONS = {torch.chunk}
+SPLIT_FUNCTIONS = {torch.split}
 
 
 class TraceError(RuntimeError):
@@ -60,6 +62,7 @@ class ModelGraph:
     gm: fx.GraphModule
     modules: Dict[str, nn.Module] = field(repr=False)
     leaf_modules: Tuple[LeafSpec, ...] = ()  # kept whole by the tracer, beside the layers (``leaves``)
+    model: Optional[nn.Module] = field(default=None, repr=False)  # the traced model (its attributes, not copied)
     _steps: Optional[Dict[fx.Node, "Step"]] = field(default=None, repr=False)
 
     def module_of(self, node: fx.Node) -> Optional[nn.Module]:
@@ -83,7 +86,7 @@ def trace(model: nn.Module, dummy_input: torch.Tensor, leaf_modules: Sequence[Le
     (module classes or qualified names) stay single nodes; arguments of
     ``forward`` after the input that have defaults are traced at them.
     """
-    gm = fx_trace(model, leaf_modules)
+    gm = fx_trace(model, leaf_modules, dummy_input[:1].to(_device_of(model)))
     was_training = model.training
     model.eval()
     try:
@@ -91,13 +94,17 @@ def trace(model: nn.Module, dummy_input: torch.Tensor, leaf_modules: Sequence[Le
             ShapeProp(gm).propagate(dummy_input[:1].to(_device_of(model)))
     finally:
         model.train(was_training)
-    return ModelGraph(gm=gm, modules=dict(gm.named_modules()), leaf_modules=tuple(leaf_modules))
+    return ModelGraph(gm=gm, modules=dict(gm.named_modules()), leaf_modules=tuple(leaf_modules), model=model)
 
 
-def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphModule:
-    """The GraphModule of ``model`` as ``trace`` sees it (``LeafTracer``, defaults of extra arguments)."""
-    tracer = LeafTracer(leaf_modules)
+def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
+             example: Optional[torch.Tensor] = None) -> fx.GraphModule:
+    """The GraphModule of ``model`` as ``trace`` sees it (``LeafTracer``, defaults of extra arguments).
+
+    With an ``example`` input, conditions on traced values take the branch of that input (warned, by line).
+    """
     defaults = default_arguments(model)
+    tracer = LeafTracer(leaf_modules, None if example is None else (example, *defaults.values()))
     try:
         graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:  # fx raises many types; name the line and how to get past it
@@ -106,6 +113,9 @@ def fx_trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.Grap
                          "pruning scope, coupled groups and slimming all read the traced graph: make that forward() "
                          "free of data-dependent control flow, or keep the module whole by passing its class or "
                          "name in leaf_modules=[...] (its channels are then pinned)", module) from exc
+    if tracer.resolved:
+        warnings.warn(f"{type(model).__name__}: control flow on traced values was decided for an input of shape "
+                      f"{tuple(example.shape)}: " + "; ".join(dict.fromkeys(tracer.resolved)), stacklevel=2)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if defaults:
         _drop_specialisation_checks(gm)
@@ -136,9 +146,9 @@ def _drop_specialisation_checks(gm: fx.GraphModule) -> None:
 def _culprit(model: nn.Module, exc: BaseException) -> Tuple[str, Optional[str]]:
     """Where tracing failed: the innermost line of the model's own code, and the module running it (its name)."""
     tb, frame = exc.__traceback__, None
-    torch_dir = os.path.dirname(torch.__file__)
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # fx and our tracer
     while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(torch_dir):
+        if not tb.tb_frame.f_code.co_filename.startswith(skipped):
             frame = tb
         tb = tb.tb_next
     if frame is None:
@@ -186,6 +196,28 @@ def is_flatten(graph: ModelGraph, node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in FLATTEN_METHODS:
         return len(graph.shape(node)) == 2
     return False
+
+
+def split_owner(model: Optional[nn.Module], node: fx.Node) -> Optional[Tuple[str, str]]:
+    """(module, attribute) holding the sizes of ``torch.split(x, sizes, 1)`` (timm's MixedConv2d: ``splits``).
+
+    The split is made inside a module that keeps its sizes as one attribute
+    of that value: slimming rewrites it to the channels each part keeps. None
+    when it is not a channel split or no single attribute matches.
+    """
+    is_split = ((node.op == "call_method" and node.target == "split")
+                or (node.op == "call_function" and node.target in SPLIT_FUNCTIONS))
+    if not is_split or model is None or len(node.args) < 2:
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    sizes = node.args[1]
+    if dim not in (1, -3) or not isinstance(sizes, (list, tuple)):
+        return None
+    path = next(reversed(node.meta.get("nn_module_stack", {}) or {"": None}), "")
+    owner = model.get_submodule(path) if path else model
+    names = [k for k, v in vars(owner).items() if not k.startswith("_") and isinstance(v, (list, tuple))
+             and list(v) == list(sizes)]
+    return (path, names[0]) if len(names) == 1 else None
 
 
 def channel_padding(node: fx.Node) -> Optional[Tuple[int, int]]:

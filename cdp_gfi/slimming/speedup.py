@@ -3,23 +3,26 @@
 ModelSpeedup's own tracer fails from torch 2.2 on, so an fx trace is passed
 in; its chatter is silenced, and the sparsity figures it computes for every
 graph node only to log them (a ``nonzero`` over each batch-8 activation,
-a quarter of its time on ResNet-18) are skipped.
+a quarter of its time on ResNet-18) are skipped. Its random batch is sized
+so that no parameter read in the graph looks batched (``nni_batch_size``).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-from typing import Dict, Iterator, Optional, Sequence
+import operator
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..flops import keep_vectors
 from ..graph.channels import live_channels
 from ..graph.leaves import LAYER_TYPES, LeafSpec, adopt_, torch_base
-from ..graph.trace import ModelGraph, channel_padding, fx_trace, trace
+from ..graph.trace import ModelGraph, channel_padding, fx_trace, split_owner, trace
 from ..masks.select import with_batchnorm_masks
 
 _QUIET = logging.getLogger("cdp_gfi.slim.nni")
@@ -112,6 +115,35 @@ def _padding_owners(graph: ModelGraph, masks) -> Dict[str, tuple]:
     return owners
 
 
+def _split_sizes(graph: ModelGraph, masks) -> Dict[Tuple[str, str], List[int]]:
+    """The channels each part of a module's ``torch.split`` keeps, by (module, attribute holding the sizes)."""
+    live = live_channels(graph, keep_vectors(masks))
+    out = {}
+    for node in graph.gm.graph.nodes:
+        owner = split_owner(graph.model, node)
+        vec = live.get(node.args[0]) if owner is not None else None
+        if vec is not None:
+            ends = torch.tensor(node.args[1]).cumsum(0).tolist()
+            out[owner] = [int(vec[end - size:end].sum()) for end, size in zip(ends, node.args[1])]
+    return out
+
+
+def nni_batch_size(gm: fx.GraphModule, at_least: int) -> int:
+    """The smallest batch size from ``at_least`` on that divides the size of no tensor the graph reads directly.
+
+    NNI takes any tensor whose size is a multiple of its batch size for a batch of activations, and
+    randomises and masks it as one. A parameter used in the forward (a functional LayerNorm's weight,
+    ConvNeXt's layer scale: 40 to 320 channels against a batch of 8) was then masked to nothing and NNI
+    emptied the whole network (EmptyLayerError).
+    """
+    read = (operator.attrgetter(n.target)(gm) for n in gm.graph.nodes if n.op == "get_attr")
+    sizes = {t.numel() for t in read if torch.is_tensor(t)}
+    batch = at_least
+    while any(size > batch and size % batch == 0 for size in sizes):
+        batch += 1
+    return batch
+
+
 def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], dummy_input: torch.Tensor,
          graph: Optional[ModelGraph] = None, batch_size: int = 8, leaf_modules: Sequence[LeafSpec] = ()
          ) -> nn.Module:
@@ -134,18 +166,22 @@ def slim(model: nn.Module, masks: Dict[str, Dict[str, Optional[torch.Tensor]]], 
     # Copies: ModelSpeedup writes into the mask tensors it is given (scope "all" turned kept-filter rows to ones).
     full_masks = {name: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
                   for name, entry in with_batchnorm_masks(graph, masks).items()}
-    padding = _padding_owners(graph, masks)
+    padding, split_sizes = _padding_owners(graph, masks), _split_sizes(graph, masks)
     was_training = model.training
-    gm = fx_trace(model, graph.leaf_modules)
+    gm = fx_trace(model, graph.leaf_modules, dummy_input[:1])
     # NNI restores the graph module's own train flag onto every submodule midway; a fresh
     # GraphModule says "train", and BatchNorm running stats would drift on the random batches.
     gm.eval()
     try:
         with _silenced(), torch.enable_grad():  # NNI propagates sparsity through gradients
-            ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=batch_size, graph_module=gm,
+            ModelSpeedup(model, dummy_input[:1], full_masks, batch_size=nni_batch_size(gm, batch_size),
+                         graph_module=gm,
                          customized_replacers=[_subclass_replacer()], logger=_QUIET).speedup_model()
     finally:
         model.train(was_training)  # NNI's replacement modules are new, hence in train mode
+    for (path, attr), sizes in split_sizes.items():
+        owner = model.get_submodule(path) if path else model
+        setattr(owner, attr, type(getattr(owner, attr))(sizes))
     for path, (in_keep, out_keep) in padding.items():
         parent, _, leaf = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
