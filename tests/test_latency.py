@@ -11,7 +11,7 @@ from cdp_gfi import CDPPruner
 from cdp_gfi.graph.scope import prunable_units
 from cdp_gfi.graph.trace import trace
 from cdp_gfi.latency import table as table_module
-from cdp_gfi.latency.report import latency_summary
+from cdp_gfi.latency.report import compare_latency, latency_line, latency_summary
 from cdp_gfi.latency.select import removal_path, select_for_latency, slimmed_copy, time_pair
 from cdp_gfi.latency.table import Curve, cache_file, cache_key, latency_table
 from cdp_gfi.latency.timing import BenchmarkTimer
@@ -240,3 +240,14 @@ def test_latency_summary_fields():
     assert fields["slim_latency_iqr_ms_b2"] >= 0
     with pytest.raises(ValueError, match="a latency batch size must be a positive integer"):
         latency_summary(Tiny(), (3, 16, 16), batches=(0,))
+
+
+def test_compare_latency_gives_dense_slim_and_reduction_per_batch():
+    fields = compare_latency(Tiny(), nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                             (3, 16, 16), batches=(1, 2), threads=1, min_run_time=0.01)
+    for b in (1, 2):
+        ratio = fields[f"slim_latency_ms_b{b}"] / fields[f"dense_latency_ms_b{b}"]
+        assert fields[f"latency_reduction_pct_b{b}"] == pytest.approx(100 * (1 - ratio))
+        assert fields[f"dense_latency_iqr_ms_b{b}"] >= 0
+    line = latency_line(fields, (1, 2))
+    assert line.startswith("latency on cpu") and "1 thread(s)" in line and "batch 2:" in line

@@ -88,6 +88,11 @@ def test_cifar_run_writes_reports_checkpoints_and_summary(cifar_run, cifar_root)
     assert summary["method"] == "cdp" and summary["sparsity"] == 0.3 and summary["wall_time_s"] > 0
     assert summary["bn_recalibrate"] == 5  # the default 20 batches, capped by the 150-image training set
     assert 0 <= summary["pruned_top1_before_finetune"] <= 100 and 0 <= summary["pruned_top1_recalibrated"] <= 100
+    for b in (1, 32):  # batch 1 and the run's, on the run's device (real timings: only their presence is sure)
+        assert summary[f"dense_latency_ms_b{b}"] > 0 and summary[f"slim_latency_ms_b{b}"] > 0
+        assert summary[f"slim_latency_iqr_ms_b{b}"] >= 0 and f"latency_reduction_pct_b{b}" in summary
+    assert summary["latency_device"].startswith("cpu") and summary["latency_threads"] >= 1
+    assert summary["latency_reduction"] is None and "latency_tries" not in summary
 
 
 def test_checkpoint_reloads_with_load_slim(cifar_run, cifar_root):

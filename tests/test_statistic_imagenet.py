@@ -123,6 +123,8 @@ def test_cdp_run_writes_every_file_and_the_slim_net_equals_the_masked_one(cdp_di
         torch.testing.assert_close(slim_net(x), masked(x), atol=1e-4, rtol=1e-4)
     results = pd.read_csv(cdp_dir / "results.csv")
     assert results["macs_after"].iloc[0] < results["macs_before"].iloc[0]
+    assert (results[["dense_latency_ms_b1", "slim_latency_ms_b1", "dense_latency_ms_b8", "slim_latency_ms_b8"]] > 0
+            ).all(axis=None) and results["latency_device"].iloc[0].startswith("cpu")
     assert results["ptflops_macs_after"].iloc[0] < results["ptflops_macs_before"].iloc[0]
     costs = pd.read_csv(cdp_dir / "costs.csv")
     assert list(costs["convention"]) == ["conv-linear", "ptflops"]

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import pandas as pd
 import torch
@@ -23,6 +23,7 @@ from ..graph.groups import Unit
 from ..graph.scope import prunable_units, unit_convs
 from ..graph.sites import read_points
 from ..graph.trace import ModelGraph, trace
+from ..latency.report import compare_latency, latency_line
 from ..latency.select import select_for_latency
 from ..latency.timing import BenchmarkTimer, Timer, resolve_device
 from ..masks.masked import MaskEnforcer, Masks
@@ -41,6 +42,8 @@ from ..train.optim import build_optimizer, build_scheduler
 from ..train.recalibrate import recalibrate_batchnorm
 from .cifar_config import BASELINE_LR, RUNTIME_ONLY, PruneConfig
 from .report import cost_table, kept_table, measure, write_table
+
+REPORT_MIN_RUN_TIME = 0.2  # seconds of timed runs per network and batch size in a run's latency report
 
 
 def load_splits(config: PruneConfig) -> Splits:
@@ -276,6 +279,17 @@ def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Ma
     costs = cost_table(measure(baseline, size), measure(model, size))
     write_table(costs, save_dir / "costs.csv", "MACs and parameters per image, before and after pruning")
     return costs
+
+
+def measure_latency(dense: nn.Module, slim_model: nn.Module, input_size: Sequence[int], device: torch.device,
+                    latency_device: Optional[str], batch_size: int) -> Dict[str, Any]:
+    """Dense and slim latency on ``latency_device`` (None: ``device``, the run's) at batch 1 and ``batch_size``,
+    printed and returned as summary fields (``latency.report.compare_latency``)."""
+    batches = sorted({1, batch_size})
+    fields = compare_latency(dense, slim_model, input_size, str(resolve_device(latency_device, device)), batches,
+                             min_run_time=REPORT_MIN_RUN_TIME)
+    print(latency_line(fields, batches), flush=True)
+    return fields
 
 
 def finetune(config: PruneConfig, model: nn.Module, masks: Masks, loaders: Tuple[DataLoader, DataLoader],

@@ -60,7 +60,7 @@ from ..statistics.store import Statistics
 from ..train.loop import seed_everything
 from ..train.recalibrate import check_batches, recalibrate_batchnorm
 from .cifar_config import PruneConfig
-from .cifar_steps import choose_masks
+from .cifar_steps import choose_masks, measure_latency
 from .cli import USER_ERRORS
 from .folders import claim
 from .imagenet_stage2 import resolve_device, save_masks_checkpoint
@@ -296,9 +296,10 @@ def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Cost
                  dict(selection or {}))
 
 
-def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classes: int, directory: Path
-                ) -> Dict[str, Any]:
-    """Write one target's checkpoints and tables; returns its results row."""
+def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classes: int, directory: Path,
+                device: torch.device) -> Dict[str, Any]:
+    """Write one target's checkpoints and tables; returns its results row, with the dense and slim latency on
+    ``--latency_device`` (default ``device``) at batch 1 and the run's batch size."""
     args = {**asdict(config), "target": point.target.kind, "target_value": point.target.value}
     save_masks_checkpoint(directory / MASKS_NAME, config.model, num_classes, point.masks, dense.state_dict(), args)
     save_slim_checkpoint(directory / SLIM_NAME, config.model, point.model, point.masks, num_classes, args)
@@ -309,7 +310,9 @@ def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classe
     write_table(point.costs, directory / COSTS_NAME, f"{point.target.name}: MACs and parameters per image")
     return {"target": point.target.kind, "target_value": point.target.value, "method": config.method,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None, "dir": str(directory),
-            "achieved_sparsity": removed_fraction(keep), **cost_summary(point.costs), **point.selection}
+            "achieved_sparsity": removed_fraction(keep), **cost_summary(point.costs), **point.selection,
+            **measure_latency(dense, point.model, (3, config.input_size, config.input_size), device,
+                              config.latency_device, config.batch_size)}
 
 
 def prepare_dirs(config: Stage1Config, targets: Sequence[Target]) -> None:
@@ -319,10 +322,12 @@ def prepare_dirs(config: Stage1Config, targets: Sequence[Target]) -> None:
     ensure_writable_dir(statistics_path(config).parent)
 
 
-def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Module, num_classes: int
-                  ) -> pd.DataFrame:
-    """Write every target's files and results.csv (one row per target)."""
-    rows = [write_point(config, p, dense, num_classes, point_dir(config, p.target, len(points) > 1)) for p in points]
+def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Module, num_classes: int,
+                  device: torch.device) -> pd.DataFrame:
+    """Write every target's files and results.csv (one row per target; latency measured on ``device`` unless
+    ``--latency_device`` says otherwise)."""
+    rows = [write_point(config, p, dense, num_classes, point_dir(config, p.target, len(points) > 1), device)
+            for p in points]
     results = pd.DataFrame(rows)
     write_table(results, output_dir(config) / RESULTS_NAME, "Results, one row per target")
     return results
@@ -385,7 +390,7 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
              p.recal_batches)
     points = [slim_point(t, p.model, m, dense_costs, config.input_size, recal, selection)
               for t, (m, selection) in chosen.items()]
-    results = write_results(config, points, p.model, p.num_classes)
+    results = write_results(config, points, p.model, p.num_classes, info.device)
     print(result_line(output_dir(config), results.to_dict("records"),
                       f"result at --{targets[0].kind} {','.join(f'{t.value:g}' for t in targets)}"), flush=True)
     print(f"next, stage 2 (retraining; top-1 is measured there): "
