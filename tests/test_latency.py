@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cdp_gfi import CDPPruner
 from cdp_gfi.graph.scope import prunable_units
 from cdp_gfi.graph.trace import trace
-from cdp_gfi.latency import table as table_module
+from cdp_gfi.latency import select as select_module, table as table_module
 from cdp_gfi.latency.report import compare_latency, latency_line, latency_summary
 from cdp_gfi.latency.select import removal_path, select_for_latency, slimmed_copy, time_pair
 from cdp_gfi.latency.table import Curve, cache_file, cache_key, latency_table
@@ -251,3 +251,15 @@ def test_compare_latency_gives_dense_slim_and_reduction_per_batch():
         assert fields[f"dense_latency_iqr_ms_b{b}"] >= 0
     line = latency_line(fields, (1, 2))
     assert line.startswith("latency on cpu") and "1 thread(s)" in line and "batch 2:" in line
+
+
+def test_widths_are_multiples_of_the_devices_unless_round_to_says(tmp_path, monkeypatch):
+    assert run(tmp_path, FakeTimer(k3=4.0), 0.3).round_to == 1  # the CPU's multiple
+    monkeypatch.setattr(select_module, "hardware_multiple", lambda device: 4)  # as a device that tiles by 4 would
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3)
+    assert result.round_to == 4 and all(int(k.sum()) % 4 == 0 for k in result.keep.values())
+    assert any(not k.all() for k in result.keep.values())
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3, round_to=2)  # the manual choice wins
+    assert result.round_to == 2 and all(int(k.sum()) % 2 == 0 for k in result.keep.values())
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        run(tmp_path, FakeTimer(), 0.3, round_to=0)

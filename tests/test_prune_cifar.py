@@ -379,6 +379,7 @@ def test_latency_target_is_met_and_reported(cifar_root, pretrained, tmp_path, ma
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["latency_reduction"] == 0.3 and summary["sparsity"] is None
     assert summary["latency_measured_reduction_pct"] == pytest.approx(30.0, abs=2.0) and summary["latency_tries"] >= 1
+    assert summary["latency_round_to"] == 1  # no --round_to: the CPU's multiple
     model = load_slim(save_dir / "pruned.pth")
     dense = build_model("resnet20", "cifar10").eval()
     x = torch.zeros(1, 3, 32, 32)

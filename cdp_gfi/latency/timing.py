@@ -69,6 +69,13 @@ def resolve_device(name: Optional[str], fallback: torch.device) -> torch.device:
     return device
 
 
+def hardware_multiple(device: torch.device) -> int:
+    """The channel multiple a latency target keeps when no ``round_to`` is given: 8 on CUDA (cuDNN and tensor-core
+    kernels tile channels by 8), 1 on the CPU (not measured per machine: the table's per-width curves already show
+    what widths cost there, and steps between neighbouring widths drown in the noise of a loaded host)."""
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
 def check_batch(batch: int, what: str = "latency_batch") -> int:
     """Return ``batch`` if it is a positive integer, else raise naming ``what``."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:

@@ -202,10 +202,11 @@ def _select_for_latency(config: PruneConfig, model: nn.Module, scores, tiebreak,
                                 round_to=config.round_to, normalization=config.normalize,
                                 cost_power=config.cost_power, convention=config.flops_convention)
     print(f"latency: {result.measured:.1%} measured reduction at batch {config.latency_batch} on {on} "
-          f"(target {config.latency_reduction:.1%}, {len(result.tries)} tries, latency table "
+          f"(target {config.latency_reduction:.1%}, {len(result.tries)} tries, widths multiples of {result.round_to}, "
+          f"latency table "
           f"{'reused' if result.table is not None and result.table.reused else 'measured'})", flush=True)
     return result.keep, {"latency_measured_reduction_pct": 100.0 * result.measured,
-                         "latency_tries": len(result.tries),
+                         "latency_tries": len(result.tries), "latency_round_to": result.round_to,
                          "latency_selection_dense_ms": 1e3 * result.dense_seconds,
                          "latency_selection_slim_ms": 1e3 * result.slim_seconds}
 
