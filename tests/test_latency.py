@@ -263,3 +263,44 @@ def test_widths_are_multiples_of_the_devices_unless_round_to_says(tmp_path, monk
     assert result.round_to == 2 and all(int(k.sum()) % 2 == 0 for k in result.keep.values())
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         run(tmp_path, FakeTimer(), 0.3, round_to=0)
+
+
+class Probe(nn.Module):
+    """Records, per call, whether autocast was on and whether its input was channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.seen = nn.Conv2d(3, 4, 3), []
+
+    def forward(self, x):
+        self.seen.append((torch.is_autocast_enabled(x.device.type), x.is_contiguous(memory_format=torch.channels_last)))
+        return self.conv(x)
+
+
+def test_amp_and_channels_last_reach_every_timed_call(tmp_path):
+    probe, x = Probe(), torch.randn(1, 3, 8, 8)
+    BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1, amp=True, channels_last=True)(probe, x)
+    assert probe.seen and all(seen == (True, True) for seen in probe.seen)
+    assert probe.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = Probe()
+    BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1)(plain, x)
+    assert all(seen == (False, False) for seen in plain.seen)
+    model, dummy, graph, units, _ = setup()  # the table's bundles (inputs as buffers) and the whole network
+    timer = BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1, amp=True, channels_last=True)
+    table = latency_table(model, graph, units, dummy, timer, torch.device("cpu"), tmp_path)
+    assert table.key["timer"] == "torch.utils.benchmark+amp+channels_last" and table.dense > 0
+    assert all(s > 0 for c in table.curves.values() for s in c.seconds)
+    fields = latency_summary(Tiny(), (3, 16, 16), threads=1, min_run_time=0.01, amp=True, channels_last=True)
+    assert fields["latency_timer"] == table.key["timer"] and fields["latency_ms_b1"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_timing_with_amp_and_channels_last(tmp_path):
+    probe = Probe().cuda()
+    BenchmarkTimer(min_run_time=0.01, amp=True, channels_last=True)(probe, torch.randn(2, 3, 8, 8, device="cuda"))
+    assert all(seen == (True, True) for seen in probe.seen)
+    fields = compare_latency(Tiny(), Tiny(), (3, 16, 16), device="cuda", batches=(1, 4), min_run_time=0.01,
+                             amp=True, channels_last=True)
+    assert fields["latency_threads"] is None and fields["dense_latency_ms_b4"] > 0
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3, device="cuda")
+    assert result.round_to == 8 and all(int(k.sum()) % 8 == 0 for k in result.keep.values())

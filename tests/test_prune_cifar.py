@@ -375,11 +375,12 @@ def latency_args(root: Path, pretrained: Path, save_dir: Path, target: str, *ext
 
 def test_latency_target_is_met_and_reported(cifar_root, pretrained, tmp_path, mac_timer):
     save_dir = tmp_path / "run"
-    assert prune_cifar.main(latency_args(cifar_root, pretrained, save_dir, "0.3")) == 0
+    assert prune_cifar.main(latency_args(cifar_root, pretrained, save_dir, "0.3", "--latency_channels_last")) == 0
     summary = json.loads((save_dir / "summary.json").read_text())
     assert summary["latency_reduction"] == 0.3 and summary["sparsity"] is None
     assert summary["latency_measured_reduction_pct"] == pytest.approx(30.0, abs=2.0) and summary["latency_tries"] >= 1
     assert summary["latency_round_to"] == 1  # no --round_to: the CPU's multiple
+    assert summary["latency_timer"] == "torch.utils.benchmark+channels_last"  # the report's timer
     model = load_slim(save_dir / "pruned.pth")
     dense = build_model("resnet20", "cifar10").eval()
     x = torch.zeros(1, 3, 32, 32)

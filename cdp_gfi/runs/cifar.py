@@ -117,8 +117,7 @@ def run_point(config: PruneConfig, session: Session, started: float,
         save_slim_checkpoint(pruned_path, config.model, model, masks, num_classes_for(config.dataset),
                              {**asdict(config), SELECTION_KEY: selection}, dataset=config.dataset)
     costs = report(config, session.baseline, model, masks, save_dir)
-    latency = measure_latency(session.baseline, model, input_size_for(config.dataset), device, config.latency_device,
-                              config.batch_size)
+    latency = measure_latency(config, session.baseline, model, input_size_for(config.dataset), device)
     plot_kept_filters(pd.read_csv(save_dir / "layers.csv"), save_dir / "layers.png",
                       f"{config.method} on {config.model} / {config.dataset}, {save_dir.name}")
     pruned_top1 = evaluate(model, loaders[1], device)["top1"]

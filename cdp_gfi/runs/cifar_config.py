@@ -47,6 +47,8 @@ class PruneConfig(CriterionOptions):
     latency_reduction: Optional[float] = None
     latency_device: Optional[str] = None
     latency_batch: int = 1
+    latency_amp: bool = False
+    latency_channels_last: bool = False
     stop_batch: Optional[int] = None
     batch_size: Optional[int] = None
     epochs: Optional[int] = None

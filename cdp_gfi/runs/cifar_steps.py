@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 import pandas as pd
 import torch
@@ -44,6 +44,15 @@ from .cifar_config import BASELINE_LR, RUNTIME_ONLY, PruneConfig
 from .report import cost_table, kept_table, measure, write_table
 
 REPORT_MIN_RUN_TIME = 0.2  # seconds of timed runs per network and batch size in a run's latency report
+
+
+class LatencySettings(Protocol):
+    """The latency flags a run's config carries (``PruneConfig``, ``imagenet_stage1.Stage1Config``)."""
+
+    latency_device: Optional[str]
+    latency_amp: bool
+    latency_channels_last: bool
+    batch_size: int
 
 
 def load_splits(config: PruneConfig) -> Splits:
@@ -165,7 +174,7 @@ def gather_statistics(config: PruneConfig, model: nn.Module, dataset: Dataset, g
 
 def latency_timer(config: PruneConfig) -> Timer:
     """How a latency target times networks (a test swaps in a deterministic timer here)."""
-    return BenchmarkTimer()
+    return BenchmarkTimer(amp=config.latency_amp, channels_last=config.latency_channels_last)
 
 
 def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph: ModelGraph,
@@ -282,13 +291,15 @@ def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Ma
     return costs
 
 
-def measure_latency(dense: nn.Module, slim_model: nn.Module, input_size: Sequence[int], device: torch.device,
-                    latency_device: Optional[str], batch_size: int) -> Dict[str, Any]:
-    """Dense and slim latency on ``latency_device`` (None: ``device``, the run's) at batch 1 and ``batch_size``,
-    printed and returned as summary fields (``latency.report.compare_latency``)."""
-    batches = sorted({1, batch_size})
-    fields = compare_latency(dense, slim_model, input_size, str(resolve_device(latency_device, device)), batches,
-                             min_run_time=REPORT_MIN_RUN_TIME)
+def measure_latency(config: LatencySettings, dense: nn.Module, slim_model: nn.Module, input_size: Sequence[int],
+                    device: torch.device) -> Dict[str, Any]:
+    """Dense and slim latency on ``--latency_device`` (default ``device``, the run's) at batch 1 and the run's
+    batch size, with the run's --latency_amp / --latency_channels_last, printed and returned as summary fields
+    (``latency.report.compare_latency``). ``config``: a CIFAR or an ImageNet stage-1 config."""
+    batches = sorted({1, config.batch_size})
+    fields = compare_latency(dense, slim_model, input_size, str(resolve_device(config.latency_device, device)),
+                             batches, min_run_time=REPORT_MIN_RUN_TIME, amp=config.latency_amp,
+                             channels_last=config.latency_channels_last)
     print(latency_line(fields, batches), flush=True)
     return fields
 

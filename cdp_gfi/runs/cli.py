@@ -68,9 +68,14 @@ def add_latency_arguments(parser: argparse.ArgumentParser, default_device: str,
       help="fraction of the dense network's latency to remove, as measured on --latency_device at --latency_batch "
            "(instead of --sparsity or --flops_reduction; a list such as 0.3,0.4 sweeps them)")
     a("--latency_device", metavar="DEVICE",
-      help=f"cpu, cuda or cuda:N: where the latency target is measured (default: {default_device})")
+      help=f"cpu, cuda or cuda:N: where latency is measured, for the target and the reports (default: "
+           f"{default_device})")
     a("--latency_batch", type=int, default=1, metavar="N",
-      help="batch size of the latency target (default 1)")
+      help="batch size of the latency target (default 1); reports give batch 1 and the run's batch size")
+    a("--latency_amp", action="store_true",
+      help="time under torch.autocast (float16 on CUDA, bfloat16 on the CPU), for the target and the reports")
+    a("--latency_channels_last", action="store_true",
+      help="time networks and inputs in channels-last memory format, for the target and the reports")
 
 
 def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:

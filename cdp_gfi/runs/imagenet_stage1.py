@@ -90,6 +90,8 @@ class Stage1Config(CriterionOptions):
     latency_reduction: Tuple[float, ...] = ()
     latency_device: Optional[str] = None
     latency_batch: int = 1
+    latency_amp: bool = False
+    latency_channels_last: bool = False
     stop_batch: int = 200
     batch_size: int = 128
     workers: int = 4
@@ -276,7 +278,8 @@ def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Sta
     measured on ``--latency_device``, by default ``device``), and what the selection reported."""
     criterion = {f.name: getattr(config, f.name) for f in fields(CriterionOptions)}
     prune_config = PruneConfig(**criterion, flops_convention=config.flops_convention, **{target.kind: target.value},
-                               latency_device=config.latency_device, latency_batch=config.latency_batch)
+                               latency_device=config.latency_device, latency_batch=config.latency_batch,
+                               latency_amp=config.latency_amp, latency_channels_last=config.latency_channels_last)
     return choose_masks(prune_config, model, stats, graph, units, dummy_input(config), device)
 
 
@@ -311,8 +314,7 @@ def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classe
     return {"target": point.target.kind, "target_value": point.target.value, "method": config.method,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None, "dir": str(directory),
             "achieved_sparsity": removed_fraction(keep), **cost_summary(point.costs), **point.selection,
-            **measure_latency(dense, point.model, (3, config.input_size, config.input_size), device,
-                              config.latency_device, config.batch_size)}
+            **measure_latency(config, dense, point.model, (3, config.input_size, config.input_size), device)}
 
 
 def prepare_dirs(config: Stage1Config, targets: Sequence[Target]) -> None:
