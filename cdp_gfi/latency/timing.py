@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Optional, Protocol
 import torch
 from torch import nn
 
+from ..distributed import check_device
+
 if TYPE_CHECKING:
     from torch.utils.benchmark import Measurement
 
@@ -83,23 +85,9 @@ def _device_type(module: nn.Module, x: Optional[torch.Tensor]) -> str:
 
 
 def resolve_device(name: Optional[str], fallback: torch.device) -> torch.device:
-    """The device to time on: ``cpu``, ``cuda`` or ``cuda:N`` (None: ``fallback``); one not there is a ValueError."""
-    if name is None:
-        return torch.device(fallback)
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown latency device {name!r}; give cpu, cuda or cuda:N") from err
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ValueError(f"latency device {name!r} is not supported; give cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"latency device {name!r} is not there: this machine has no CUDA GPU")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"latency device {name!r} is not there: this machine has "
-                         f"{torch.cuda.device_count()} CUDA GPU(s)")
-    return device
+    """The device to time on: ``cpu``, ``cuda`` or ``cuda:N`` (None: ``fallback``); one not there is a ValueError
+    (``distributed.check_device``)."""
+    return torch.device(fallback) if name is None else check_device(name, f"latency device {name!r}")
 
 
 def hardware_multiple(device: torch.device) -> int:
