@@ -14,7 +14,8 @@ from typing import List, Optional, Sequence, Union
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
 from cdp_gfi.runs.cli import (  # noqa: E402
-    OneLineParser, add_criterion_arguments, add_recalibration_argument, add_recovery_arguments, exit_status)
+    OneLineParser, add_criterion_arguments, add_latency_arguments, add_recalibration_argument, add_recovery_arguments,
+    exit_status)
 from cdp_gfi.models import CIFAR_MODELS  # noqa: E402
 from cdp_gfi.runs.cifar_config import DATASETS, DIGITS_FLOPS_REDUCTION, SCHEDULES, PruneConfig  # noqa: E402
 from cdp_gfi.runs.cifar import claim_folder, run  # noqa: E402
@@ -48,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--baseline_epochs", type=int, help="epochs of baseline training, lr 0.1 cosine (default 200; digits 6)")
     a("--baseline_dir", default="ckpt/base", help="cache of trained baselines (default ckpt/base)")
     add_criterion_arguments(p)
-    a("--sparsity", type=targets, help="fraction of prunable filters to remove (give this or --flops_reduction); "
+    a("--sparsity", type=targets, help="fraction of prunable filters to remove (give this, --flops_reduction or "
+                                       "--latency_reduction); "
                                        "a list such as 0.3,0.4,0.5 sweeps them from one statistics pass")
     a("--flops_reduction", type=targets, help="fraction of MACs to remove instead of --sparsity, or a list of them "
                                               f"(digits default {DIGITS_FLOPS_REDUCTION} when neither is given)")
     a("--flops_convention", choices=("conv-linear", "ptflops"), default="conv-linear",
       help="MACs convention of --flops_reduction: conv+linear (CDP, default) or ptflops (GFI-AP)")
+    add_latency_arguments(p, "the run's device", targets)
     a("--stop_batch", type=int, help="batches of training images sampled for statistics (default 200)")
     a("--statistics_file", help="statistics to reuse if the file exists, else where to write them")
     a("--batch_size", type=int, help="batch size for statistics, fine-tuning and testing (default 128; digits 64)")
@@ -82,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; 0 on success, 2 with one `error:` line for bad input, 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    sweep_key = next((k for k in ("sparsity", "flops_reduction") if isinstance(getattr(args, k), list)), None)
+    sweep_key = next((k for k in ("sparsity", "flops_reduction", "latency_reduction")
+                      if isinstance(getattr(args, k), list)), None)
     folder: List[str] = []  # the run's folder, once chosen: how to continue after Ctrl-C
 
     def work() -> None:

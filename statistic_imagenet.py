@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_recalibration_argument, exit_status, imagenet_model  # noqa: E402
+from cdp_gfi.runs.cli import OneLineParser, add_criterion_arguments, add_distributed_argument, add_latency_arguments, add_recalibration_argument, exit_status, imagenet_model  # noqa: E402
 from cdp_gfi.runs.imagenet_stage1 import STATISTICS_NAME, Stage1Config, parse_fractions, run  # noqa: E402
 
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--flops_reduction", help="fraction(s) of MACs to remove instead of --sparsity, e.g. 0.5 or 0.4,0.5")
     a("--flops_convention", choices=("conv-linear", "ptflops"), default="conv-linear",
       help="MACs convention of --flops_reduction: conv+linear (CDP, default) or ptflops (GFI-AP)")
+    add_latency_arguments(p, "the run's device; rank 0's under torchrun")
     a("--stop_batch", type=int, default=200, help="batches of training images sampled for statistics (default 200)")
     a("--batch_size", type=int, default=128, help="images per batch (per process under torchrun; default 128)")
     a("--input_size", type=int, default=224, help="image size for statistics and MACs counts (default 224)")
@@ -60,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> Stage1Config:
     """The run's config; the target lists are parsed here."""
     values = vars(args)
     return Stage1Config(**{**values, "sparsity": parse_fractions(args.sparsity, "--sparsity"),
-                           "flops_reduction": parse_fractions(args.flops_reduction, "--flops_reduction")})
+                           "flops_reduction": parse_fractions(args.flops_reduction, "--flops_reduction"),
+                           "latency_reduction": parse_fractions(args.latency_reduction, "--latency_reduction")})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

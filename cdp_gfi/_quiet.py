@@ -4,6 +4,8 @@ Imported first by ``cdp_gfi/__init__.py``: every script, bench and user of the
 package gets the same filters. Our own warnings, and any other of NNI's or
 torch's, still show.
 """
+import logging
+import re
 import warnings
 
 # (message regex, category, module regex) of each warning filtered
@@ -18,10 +20,30 @@ THIRD_PARTY_NOISE = (
 )
 
 
+# (logger, message regex) of each log record dropped: torch.utils.benchmark (latency timing) loads cpp_extension,
+# which logs this on every machine without CUDA
+LOGGED_NOISE = (("torch.utils.cpp_extension", r"No CUDA runtime is found"),)
+
+
+class _Drop(logging.Filter):
+    """Drops the records whose message matches ``pattern``."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
 def install() -> None:
-    """Add the filters (idempotent: ``warnings`` drops a duplicate filter)."""
+    """Add the filters (idempotent: ``warnings`` drops a duplicate filter, a logger one of the same pattern)."""
     for message, category, module in THIRD_PARTY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, pattern in LOGGED_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_Drop(pattern))
 
 
 install()

@@ -57,6 +57,24 @@ def _check_cuda_index(index: int, label: str) -> None:
         raise ValueError(f"{label}: only {count} CUDA devices")
 
 
+def check_device(name: str, what: str) -> torch.device:
+    """``name`` (cpu, cuda or cuda:N) as a torch.device that this machine has; ``what`` names it in the errors
+    (``--device cuda:1``, ``latency device 'cuda'``). The one device check of the scripts and the latency code."""
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown {what}: expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise ValueError(f"unknown {what}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{what} is not there: CUDA is not available on this machine")
+    if parsed.index is not None:
+        _check_cuda_index(parsed.index, f"{what} is not there")
+    return parsed
+
+
 def parse_device(device: str | None = None, gpus: str | None = None) -> torch.device:
     """Turn `--device cpu|cuda|cuda:N` or `--gpus 0,1` into a validated torch.device.
 
@@ -75,19 +93,7 @@ def parse_device(device: str | None = None, gpus: str | None = None) -> torch.de
         return torch.device("cuda", indices[0])
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if parsed.type == "cpu":
-        return parsed
-    if parsed.type != "cuda":
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if parsed.index is not None:
-        _check_cuda_index(parsed.index, f"--device {device}")
-    return parsed
+    return check_device(device, f"--device {device}")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from cdp_gfi import CDPPruner
 from cdp_gfi.graph.scope import prunable_units
 from cdp_gfi.graph.trace import trace
-from cdp_gfi.latency import table as table_module
-from cdp_gfi.latency.report import latency_summary
+from cdp_gfi.latency import select as select_module, table as table_module
+from cdp_gfi.latency.report import compare_latency, latency_line, latency_summary
 from cdp_gfi.latency.select import removal_path, select_for_latency, slimmed_copy, time_pair
 from cdp_gfi.latency.table import Curve, cache_file, cache_key, latency_table
 from cdp_gfi.latency.timing import BenchmarkTimer
@@ -240,3 +240,67 @@ def test_latency_summary_fields():
     assert fields["slim_latency_iqr_ms_b2"] >= 0
     with pytest.raises(ValueError, match="a latency batch size must be a positive integer"):
         latency_summary(Tiny(), (3, 16, 16), batches=(0,))
+
+
+def test_compare_latency_gives_dense_slim_and_reduction_per_batch():
+    fields = compare_latency(Tiny(), nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                             (3, 16, 16), batches=(1, 2), threads=1, min_run_time=0.01)
+    for b in (1, 2):
+        ratio = fields[f"slim_latency_ms_b{b}"] / fields[f"dense_latency_ms_b{b}"]
+        assert fields[f"latency_reduction_pct_b{b}"] == pytest.approx(100 * (1 - ratio))
+        assert fields[f"dense_latency_iqr_ms_b{b}"] >= 0
+    line = latency_line(fields, (1, 2))
+    assert line.startswith("latency on cpu") and "1 thread(s)" in line and "batch 2:" in line
+
+
+def test_widths_are_multiples_of_the_devices_unless_round_to_says(tmp_path, monkeypatch):
+    assert run(tmp_path, FakeTimer(k3=4.0), 0.3).round_to == 1  # the CPU's multiple
+    monkeypatch.setattr(select_module, "hardware_multiple", lambda device: 4)  # as a device that tiles by 4 would
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3)
+    assert result.round_to == 4 and all(int(k.sum()) % 4 == 0 for k in result.keep.values())
+    assert any(not k.all() for k in result.keep.values())
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3, round_to=2)  # the manual choice wins
+    assert result.round_to == 2 and all(int(k.sum()) % 2 == 0 for k in result.keep.values())
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        run(tmp_path, FakeTimer(), 0.3, round_to=0)
+
+
+class Probe(nn.Module):
+    """Records, per call, whether autocast was on and whether its input was channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.seen = nn.Conv2d(3, 4, 3), []
+
+    def forward(self, x):
+        self.seen.append((torch.is_autocast_enabled(x.device.type), x.is_contiguous(memory_format=torch.channels_last)))
+        return self.conv(x)
+
+
+def test_amp_and_channels_last_reach_every_timed_call(tmp_path):
+    probe, x = Probe(), torch.randn(1, 3, 8, 8)
+    BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1, amp=True, channels_last=True)(probe, x)
+    assert probe.seen and all(seen == (True, True) for seen in probe.seen)
+    assert probe.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = Probe()
+    BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1)(plain, x)
+    assert all(seen == (False, False) for seen in plain.seen)
+    model, dummy, graph, units, _ = setup()  # the table's bundles (inputs as buffers) and the whole network
+    timer = BenchmarkTimer(threads=1, min_run_time=0.01, warmup=1, amp=True, channels_last=True)
+    table = latency_table(model, graph, units, dummy, timer, torch.device("cpu"), tmp_path)
+    assert table.key["timer"] == "torch.utils.benchmark+amp+channels_last" and table.dense > 0
+    assert all(s > 0 for c in table.curves.values() for s in c.seconds)
+    fields = latency_summary(Tiny(), (3, 16, 16), threads=1, min_run_time=0.01, amp=True, channels_last=True)
+    assert fields["latency_timer"] == table.key["timer"] and fields["latency_ms_b1"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_timing_with_amp_and_channels_last(tmp_path):
+    probe = Probe().cuda()
+    BenchmarkTimer(min_run_time=0.01, amp=True, channels_last=True)(probe, torch.randn(2, 3, 8, 8, device="cuda"))
+    assert all(seen == (True, True) for seen in probe.seen)
+    fields = compare_latency(Tiny(), Tiny(), (3, 16, 16), device="cuda", batches=(1, 4), min_run_time=0.01,
+                             amp=True, channels_last=True)
+    assert fields["latency_threads"] is None and fields["dense_latency_ms_b4"] > 0
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3, device="cuda")
+    assert result.round_to == 8 and all(int(k.sum()) % 8 == 0 for k in result.keep.values())

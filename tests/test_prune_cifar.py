@@ -22,6 +22,7 @@ from cdp_gfi.statistics.fingerprint import FingerprintMismatchError
 from cdp_gfi.flops import keep_vectors
 from cdp_gfi.files.mask_files import expand_masks
 from cdp_gfi.train.loop import evaluate
+from nets import MacTimer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "prune_cifar.py"
 _spec = importlib.util.spec_from_file_location("prune_cifar", SCRIPT)
@@ -87,6 +88,11 @@ def test_cifar_run_writes_reports_checkpoints_and_summary(cifar_run, cifar_root)
     assert summary["method"] == "cdp" and summary["sparsity"] == 0.3 and summary["wall_time_s"] > 0
     assert summary["bn_recalibrate"] == 5  # the default 20 batches, capped by the 150-image training set
     assert 0 <= summary["pruned_top1_before_finetune"] <= 100 and 0 <= summary["pruned_top1_recalibrated"] <= 100
+    for b in (1, 32):  # batch 1 and the run's, on the run's device (real timings: only their presence is sure)
+        assert summary[f"dense_latency_ms_b{b}"] > 0 and summary[f"slim_latency_ms_b{b}"] > 0
+        assert summary[f"slim_latency_iqr_ms_b{b}"] >= 0 and f"latency_reduction_pct_b{b}" in summary
+    assert summary["latency_device"].startswith("cpu") and summary["latency_threads"] >= 1
+    assert summary["latency_reduction"] is None and "latency_tries" not in summary
 
 
 def test_checkpoint_reloads_with_load_slim(cifar_run, cifar_root):
@@ -352,3 +358,64 @@ def test_variant_flags_resolve_to_the_published_or_default_criterion(cifar_root,
     mixed = cifar_config.resolve(config_of(base + ["--published", "--site", "input", "--cost_power", "0.5"]))
     assert (mixed.site, mixed.normalize, mixed.cost_power, mixed.rule, mixed.cdp_mode) == \
         ("input", "none", 0.5, "global", "classwise")
+
+
+@pytest.fixture
+def mac_timer(tmp_path, monkeypatch):
+    """Latency targets timed by ``MacTimer``, their tables cached under tmp_path."""
+    monkeypatch.setenv("CDP_GFI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cifar_steps, "latency_timer", lambda config: MacTimer())
+
+
+def latency_args(root: Path, pretrained: Path, save_dir: Path, target: str, *extra: str) -> list:
+    argv = cifar_args(root, pretrained, save_dir, "--epochs", "1", *extra)
+    argv[argv.index("--sparsity"):argv.index("--sparsity") + 2] = ["--latency_reduction", target]
+    return argv
+
+
+def test_latency_target_is_met_and_reported(cifar_root, pretrained, tmp_path, mac_timer):
+    save_dir = tmp_path / "run"
+    assert prune_cifar.main(latency_args(cifar_root, pretrained, save_dir, "0.3", "--latency_channels_last")) == 0
+    summary = json.loads((save_dir / "summary.json").read_text())
+    assert summary["latency_reduction"] == 0.3 and summary["sparsity"] is None
+    assert summary["latency_measured_reduction_pct"] == pytest.approx(30.0, abs=2.0) and summary["latency_tries"] >= 1
+    assert summary["latency_round_to"] == 1  # no --round_to: the CPU's multiple
+    assert summary["latency_timer"] == "torch.utils.benchmark+channels_last"  # the report's timer
+    model = load_slim(save_dir / "pruned.pth")
+    dense = build_model("resnet20", "cifar10").eval()
+    x = torch.zeros(1, 3, 32, 32)
+    assert 1 - MacTimer()(model, x) / MacTimer()(dense, x) == pytest.approx(0.3, abs=0.02)  # what was measured
+    assert list(tmp_path.glob("cache/latency/*.json"))
+
+
+def test_unreachable_latency_target_names_the_closest(cifar_root, pretrained, tmp_path, mac_timer, capsys):
+    argv = latency_args(cifar_root, pretrained, tmp_path / "run", "0.9")
+    assert prune_cifar.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot cut the measured latency by 90.00%") and "closest reachable" in err
+    assert not (tmp_path / "run" / "pruned.pth").exists()
+
+
+NO_GPU = "cuda:99" if torch.cuda.is_available() else "cuda"
+LATENCY_BAD_INPUT = {
+    "latency and sparsity": (["--sparsity", "0.3", "--latency_reduction", "0.3"],
+                             "give --latency_reduction or --sparsity, not both"),
+    "latency and flops": (["--flops_reduction", "0.3", "--latency_reduction", "0.3"],
+                          "give --latency_reduction or --flops_reduction, not both"),
+    "latency out of range": (["--latency_reduction", "1.2"], "--latency_reduction must lie strictly between 0 and 1"),
+    "latency batch": (["--sparsity", "0.3", "--latency_batch", "0"], "--latency_batch must be a positive integer"),
+    "absent latency device": (["--sparsity", "0.3", "--latency_device", NO_GPU],
+                              f"latency device '{NO_GPU}' is not there"),
+    "unknown latency device": (["--sparsity", "0.3", "--latency_device", "tpu"], "unknown latency device 'tpu'"),
+}
+
+
+@pytest.mark.parametrize("case", LATENCY_BAD_INPUT)
+def test_bad_latency_input_is_one_error_line_and_writes_nothing(case, cifar_root, pretrained, tmp_path, capsys):
+    extra, message = LATENCY_BAD_INPUT[case]
+    save_dir = tmp_path / "run"
+    argv = [a for a in cifar_args(cifar_root, pretrained, save_dir) if a not in ("--sparsity", "0.3")] + extra
+    assert prune_cifar.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+    assert not save_dir.exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cdp_gfi.runs.imagenet_stage1 as stage1
+import cdp_gfi.runs.cifar_steps as stage1_steps
 import cdp_gfi.statistics.collect as statistics
 from cdp_gfi.runs import imagenet_stage2 as retrain
 from cdp_gfi.files.checkpoint import load_checkpoint
@@ -27,6 +28,7 @@ from cdp_gfi.train.recalibrate import recalibrate_batchnorm
 from cdp_gfi.scores.importance import cdp_scores
 from cdp_gfi.statistics.store import Statistics
 from cdp_gfi.train.loop import seed_everything
+from nets import MacTimer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "statistic_imagenet.py"
@@ -121,6 +123,8 @@ def test_cdp_run_writes_every_file_and_the_slim_net_equals_the_masked_one(cdp_di
         torch.testing.assert_close(slim_net(x), masked(x), atol=1e-4, rtol=1e-4)
     results = pd.read_csv(cdp_dir / "results.csv")
     assert results["macs_after"].iloc[0] < results["macs_before"].iloc[0]
+    assert (results[["dense_latency_ms_b1", "slim_latency_ms_b1", "dense_latency_ms_b8", "slim_latency_ms_b8"]] > 0
+            ).all(axis=None) and results["latency_device"].iloc[0].startswith("cpu")
     assert results["ptflops_macs_after"].iloc[0] < results["ptflops_macs_before"].iloc[0]
     costs = pd.read_csv(cdp_dir / "costs.csv")
     assert list(costs["convention"]) == ["conv-linear", "ptflops"]
@@ -172,6 +176,22 @@ def test_flops_target_is_met_in_the_slim_network(cdp_dir, imagefolder_root, tmp_
     results = pd.read_csv(out / "results.csv")
     assert results["target"].iloc[0] == "flops_reduction"
     assert results["macs_reduction_pct"].iloc[0] == pytest.approx(30.0, abs=0.5)
+
+
+def test_latency_target_is_met_and_reported(cdp_dir, imagefolder_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDP_GFI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(stage1_steps, "latency_timer", lambda config: MacTimer())
+    (tmp_path / "stats").mkdir()
+    shutil.copy(cdp_dir / "statistics.pth", tmp_path / "stats" / "statistics.pth")
+    out = tmp_path / "latency"
+    assert script.main(args(imagefolder_root, out, "--allow_random_init", "--latency_reduction", "0.3",
+                            "--save_statistic_path", str(tmp_path / "stats"))) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert results["target"].iloc[0] == "latency_reduction" and results["target_value"].iloc[0] == 0.3
+    assert results["latency_measured_reduction_pct"].iloc[0] == pytest.approx(30.0, abs=2.0)
+    x = torch.zeros(1, 3, 32, 32)
+    dense = build_model("resnet18", "imagenet", num_classes=10).eval()
+    assert 1 - MacTimer()(load_slim(out / "slim.pth"), x) / MacTimer()(dense, x) == pytest.approx(0.3, abs=0.02)
 
 
 def test_sweep_scores_every_point_from_one_statistics_pass(gfi_sweep):
@@ -244,6 +264,11 @@ BAD = [
     (["--sparsity", "0.3", "--model", "resnet20"], "unknown model 'resnet20' for dataset 'imagenet'"),
     (["--sparsity", "0.3", "--dist_timeout", "0"], "--dist_timeout"),
     (["--sparsity", "0.3", "--input_size", "8"], "--input_size"),
+    (["--sparsity", "0.3", "--latency_reduction", "0.3"], "give --latency_reduction or --sparsity, not both"),
+    (["--flops_reduction", "0.3", "--latency_reduction", "0.3,0.4"], "--latency_reduction or --flops_reduction"),
+    (["--latency_reduction", "0.3", "--latency_batch", "0"], "--latency_batch must be an integer >= 1"),
+    (["--latency_reduction", "0.3", "--latency_device", "cuda:99" if torch.cuda.is_available() else "cuda"],
+     "is not there"),
 ]
 
 

@@ -25,7 +25,7 @@ from ..masks.select import (Keep, Scores, _keep_each_conv, check_fraction, expan
                             round_up, to_nni_masks)
 from ..slimming.speedup import slim
 from .table import Curve, LatencyTable, latency_table
-from .timing import BenchmarkTimer, Timer, check_batch, resolve_device
+from .timing import BenchmarkTimer, Timer, check_batch, hardware_multiple, resolve_device
 
 Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
 
@@ -51,6 +51,7 @@ class LatencyResult:
     slim_seconds: float
     tries: List[Tuple[float, float]] = field(default_factory=list)
     table: Optional[LatencyTable] = None
+    round_to: int = 1  # the channel multiple kept (``round_to``, or the device's: ``timing.hardware_multiple``)
 
 
 def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors: Dict[str, int]) -> List[Move]:
@@ -160,6 +161,8 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
 
     ``scores`` are per conv of ``units``; the table is measured once per key and cached in ``cache_dir``.
     Each try times the dense and the slim network ``rounds`` times in alternation (the median ratio counts).
+    Kept channels are a multiple of ``round_to``, by default the device's (``timing.hardware_multiple``: 8 on CUDA,
+    1 on the CPU).
     """
     check_fraction(reduction, "latency_reduction")
     check_batch(batch)
@@ -167,13 +170,14 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     if max_layer_sparsity is not None:
         check_fraction(max_layer_sparsity, "max_layer_sparsity")
     dev = resolve_device(device, next(model.parameters()).device)
+    round_to = check_batch(round_to, "round_to") if round_to is not None else hardware_multiple(dev)
     timer = timer or BenchmarkTimer()
     dtype = next(model.parameters()).dtype
     example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
-    pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity, round_to,
-                                     normalization, cost_power, convention, graph)
+    pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity,
+                                     round_to if round_to > 1 else None, normalization, cost_power, convention, graph)
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction
@@ -198,7 +202,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                          f"reachable: {best.measured:.2%}); widen the scope, raise the per-layer cap "
                          "(--max_layer_sparsity) or change the target")
     return LatencyResult(best.keep, best.measured, best.dense, best.slim, [(t.asked, t.measured) for t in tries],
-                         table)
+                         table, round_to)
 
 
 def _next_ask(tries: List[Try], wanted: float) -> float:

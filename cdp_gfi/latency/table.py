@@ -64,16 +64,18 @@ class LatencyTable:
 
 
 class _Bundle(nn.Module):
-    """Standalone modules, each run on its own input: one timing call for all a unit's width touches."""
+    """Standalone modules, each run on its own input: one timing call for all a unit's width touches. The inputs
+    are buffers, so that ``.to(memory_format=...)`` converts them with the weights."""
 
     def __init__(self, modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor]):
         super().__init__()
         self.parts = nn.ModuleList(modules)
-        self.inputs = list(inputs)
+        for i, x in enumerate(inputs):
+            self.register_buffer(f"input{i}", x, persistent=False)
 
     def forward(self, _: Optional[torch.Tensor] = None) -> None:
-        for mod, x in zip(self.parts, self.inputs):
-            mod(x)
+        for i, mod in enumerate(self.parts):
+            mod(getattr(self, f"input{i}"))
 
 
 def _standalone(mod: nn.Module, cin: int, cout: int) -> Optional[nn.Module]:

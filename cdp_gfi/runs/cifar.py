@@ -36,7 +36,7 @@ from ..data.samplers import make_loader
 from ..files.checkpoint import ensure_writable_dir
 from ..flops import keep_vectors
 from ..masks.masked import Masks
-from ..models import build_model, num_classes_for
+from ..models import build_model, input_size_for, num_classes_for
 from ..slimming.slim_files import rebuild_slim, save_slim_checkpoint
 from ..statistics.store import Statistics
 from ..train.loop import evaluate, seed_everything
@@ -47,6 +47,7 @@ from .cifar_steps import (
     load_baseline,
     load_splits,
     load_statistics,
+    measure_latency,
     prune,
     recalibrate,
     refit,
@@ -59,6 +60,9 @@ from .folders import claim
 from .imagenet_stage2 import load_pruned_checkpoint
 from .plots import plot_kept_filters
 from .report import cost_summary, removed_fraction, result_line, write_summary
+
+
+SELECTION_KEY = "selection"  # pruned.pth's args: what the selection reported, for a resumed run's summary
 
 
 @dataclass
@@ -103,15 +107,17 @@ def run_point(config: PruneConfig, session: Session, started: float,
     save_dir, device, loaders = Path(config.save_dir), session.device, session.loaders
     pruned_path = save_dir / "pruned.pth"
     if config.resume and pruned_path.exists():
-        model, masks = load_pruned(pruned_path)
+        model, masks, selection = load_pruned(pruned_path)
         model.to(device)
     else:
-        model, masks = prune(config, session.baseline, session.stats, session.splits[1], loaders[0], device)
+        model, masks, selection = prune(config, session.baseline, session.stats, session.splits[1], loaders[0],
+                                        device)
         if config.reconstruct:
             refit(config, session.baseline, model, masks, session.splits[1], device)
         save_slim_checkpoint(pruned_path, config.model, model, masks, num_classes_for(config.dataset),
-                             asdict(config), dataset=config.dataset)
+                             {**asdict(config), SELECTION_KEY: selection}, dataset=config.dataset)
     costs = report(config, session.baseline, model, masks, save_dir)
+    latency = measure_latency(config, session.baseline, model, input_size_for(config.dataset), device)
     plot_kept_filters(pd.read_csv(save_dir / "layers.csv"), save_dir / "layers.png",
                       f"{config.method} on {config.model} / {config.dataset}, {save_dir.name}")
     pruned_top1 = evaluate(model, loaders[1], device)["top1"]
@@ -126,7 +132,7 @@ def run_point(config: PruneConfig, session: Session, started: float,
     log = finetune(config, model, masks, loaders, device, save_dir, on_epoch_end,
                    teacher=session.baseline if config.distill else None)
     summary = summarize(config, masks, costs, {**accuracies, "bn_recalibrate": session.recal_batches}, log,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, {**selection, **latency})
     write_summary(summary, save_dir)
     print(result_line(save_dir, [summary]), flush=True)
     return summary
@@ -153,8 +159,10 @@ def claim_folder(config: PruneConfig) -> PruneConfig:
 
 
 def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies: Dict[str, float],
-              log: pd.DataFrame, seconds: float) -> Dict[str, Any]:
-    """The run's results as one flat record (accuracies in percent; the pruned one is the last epoch's)."""
+              log: pd.DataFrame, seconds: float, measured: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's results as one flat record (accuracies in percent; the pruned one is the last epoch's);
+    ``measured``: what the selection reported (``cifar_steps.choose_masks``) and the latency report
+    (``cifar_steps.measure_latency``)."""
     return {"model": config.model, "dataset": config.dataset, "method": config.method, "scope": config.scope,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None,
             "variant": config.variant().label(config.method), "site": config.site,
@@ -162,13 +170,15 @@ def summarize(config: PruneConfig, masks: Masks, costs: pd.DataFrame, accuracies
             "max_layer_sparsity": config.max_layer_sparsity,
             "sparsity": config.sparsity,
             "flops_reduction": config.flops_reduction,
+            "latency_reduction": config.latency_reduction,
             "filters_removed_pct": 100.0 * removed_fraction(keep_vectors(masks)), **accuracies,
             "pruned_top1": log.attrs["final_top1"], "best_top1": log.attrs["best_top1"],
-            "best_epoch": log.attrs["best_epoch"], **cost_summary(costs), "epochs": config.epochs,
+            "best_epoch": log.attrs["best_epoch"], **cost_summary(costs), **measured, "epochs": config.epochs,
             "layerwise_retrain": config.layerwise_retrain, "seed": config.seed, "wall_time_s": seconds}
 
 
-def load_pruned(path: Path) -> Tuple[nn.Module, Masks]:
-    """The slim network and its masks from this run's pruned.pth (written before fine-tuning began)."""
+def load_pruned(path: Path) -> Tuple[nn.Module, Masks, Dict[str, Any]]:
+    """The slim network, its masks and what the selection reported, from this run's pruned.pth (written before
+    fine-tuning began)."""
     _, ckpt = load_pruned_checkpoint(path)
-    return rebuild_slim(ckpt, what=str(path))
+    return (*rebuild_slim(ckpt, what=str(path)), dict(ckpt["args"].get(SELECTION_KEY, {})))

@@ -9,6 +9,7 @@ import torch
 from ..distributed import parse_device
 from ..flops import CONVENTIONS
 from ..graph.scope import SCOPES
+from ..latency.timing import check_batch, resolve_device
 from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
 from ..models import models_for
@@ -43,6 +44,11 @@ class PruneConfig(CriterionOptions):
     sparsity: Optional[float] = None
     flops_reduction: Optional[float] = None
     flops_convention: str = "conv-linear"
+    latency_reduction: Optional[float] = None
+    latency_device: Optional[str] = None
+    latency_batch: int = 1
+    latency_amp: bool = False
+    latency_channels_last: bool = False
     stop_batch: Optional[int] = None
     batch_size: Optional[int] = None
     epochs: Optional[int] = None
@@ -72,7 +78,7 @@ def defaults(config: PruneConfig) -> Dict[str, Any]:
                                lr=0.08 if step else 0.01, epochs=80 if step else 300)
     if config.dataset == "digits":
         out.update(workers=0, baseline_epochs=6, epochs=6, batch_size=64)
-        if config.sparsity is None and config.flops_reduction is None:
+        if config.sparsity is None and config.flops_reduction is None and config.latency_reduction is None:
             out["flops_reduction"] = DIGITS_FLOPS_REDUCTION
     out.update(asdict(config.variant()))
     out["save_dir"] = (f"runs/{config.dataset}_{config.model or out['model']}_{config.method}"
@@ -91,17 +97,28 @@ def _positive_int(config: PruneConfig, name: str, minimum: int = 1) -> None:
         raise ValueError(f"--{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_target(config: PruneConfig) -> None:
+    """Exactly one target: --sparsity, --flops_reduction or --latency_reduction (with its batch), in range."""
+    given = [name for name in ("sparsity", "flops_reduction") if getattr(config, name) is not None]
+    if config.latency_reduction is not None:
+        if given:
+            raise ValueError(f"give --latency_reduction or --{given[0]}, not both: they are two targets")
+        given = ["latency_reduction"]
+    elif len(given) != 1:
+        raise ValueError("give exactly one of --sparsity and --flops_reduction (or --latency_reduction)")
+    check_fraction(getattr(config, given[0]), f"--{given[0]}")
+    check_batch(config.latency_batch, "--latency_batch")
+
+
 def check(config: PruneConfig) -> torch.device:
-    """Refuse bad settings of a resolved config (ranges, choices, flag combinations, device); returns the device."""
+    """Refuse bad settings of a resolved config (ranges, choices, flag combinations, devices); returns the run's
+    device."""
     if config.dataset not in DATASETS:
         raise ValueError(f"--dataset must be one of {DATASETS}, got {config.dataset!r}")
     if config.model not in models_for(config.dataset):
         raise ValueError(f"--model {config.model!r} is not one of {list(models_for(config.dataset))}")
     statistics_kinds(config.method, config.cdp_mode)
-    if (config.sparsity is None) == (config.flops_reduction is None):
-        raise ValueError("give exactly one of --sparsity and --flops_reduction")
-    check_fraction(config.sparsity if config.sparsity is not None else config.flops_reduction,
-                   "--sparsity" if config.sparsity is not None else "--flops_reduction")
+    check_target(config)
     if config.flops_convention not in CONVENTIONS:
         raise ValueError(f"--flops_convention must be one of {CONVENTIONS}, got {config.flops_convention!r}")
     if config.scope not in SCOPES:
@@ -128,4 +145,6 @@ def check(config: PruneConfig) -> torch.device:
         raise ValueError("give --pretrained_dir or --train_baseline, not both")
     if config.dataset != "digits" and not (config.pretrained_dir or config.train_baseline):
         raise ValueError("give --pretrained_dir (a trained checkpoint) or --train_baseline (train one first)")
-    return parse_device(config.device, config.gpus)
+    device = parse_device(config.device, config.gpus)
+    resolve_device(config.latency_device, device)  # where latency is measured (the run's device by default)
+    return device

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 import pandas as pd
 import torch
@@ -23,6 +23,9 @@ from ..graph.groups import Unit
 from ..graph.scope import prunable_units, unit_convs
 from ..graph.sites import read_points
 from ..graph.trace import ModelGraph, trace
+from ..latency.report import compare_latency, latency_line
+from ..latency.select import select_for_latency
+from ..latency.timing import BenchmarkTimer, Timer, resolve_device
 from ..masks.masked import MaskEnforcer, Masks
 from ..masks.select import filters_removed, select, to_nni_masks
 from ..models import input_size_for, num_classes_for
@@ -39,6 +42,17 @@ from ..train.optim import build_optimizer, build_scheduler
 from ..train.recalibrate import recalibrate_batchnorm
 from .cifar_config import BASELINE_LR, RUNTIME_ONLY, PruneConfig
 from .report import cost_table, kept_table, measure, write_table
+
+REPORT_MIN_RUN_TIME = 0.2  # seconds of timed runs per network and batch size in a run's latency report
+
+
+class LatencySettings(Protocol):
+    """The latency flags a run's config carries (``PruneConfig``, ``imagenet_stage1.Stage1Config``)."""
+
+    latency_device: Optional[str]
+    latency_amp: bool
+    latency_channels_last: bool
+    batch_size: int
 
 
 def load_splits(config: PruneConfig) -> Splits:
@@ -158,19 +172,52 @@ def gather_statistics(config: PruneConfig, model: nn.Module, dataset: Dataset, g
     return stats
 
 
+def latency_timer(config: PruneConfig) -> Timer:
+    """How a latency target times networks (a test swaps in a deterministic timer here)."""
+    return BenchmarkTimer(amp=config.latency_amp, channels_last=config.latency_channels_last)
+
+
 def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph: ModelGraph,
-                 units: Dict[str, Unit]) -> Masks:
-    """Scores of the method, then one global selection over the units for the sparsity or FLOPs target."""
+                 units: Dict[str, Unit], dummy_input: torch.Tensor, device: torch.device
+                 ) -> Tuple[Masks, Dict[str, Any]]:
+    """Scores of the method, then one global selection over the units for the sparsity, FLOPs or latency target
+    (latency measured on ``--latency_device``, by default ``device``, at inputs like ``dummy_input``).
+
+    Returns the masks and what the selection reports (for a latency target: the measured reduction and tries)."""
     scores, tiebreak = scores_from_statistics(stats, config.method, config.cdp_mode, config.coe, unit_convs(units))
-    keep, _ = select(config.method, scores, tiebreak, sparsity=config.sparsity,
-                     flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
-                     units=units, round_to=config.round_to, normalization=config.normalize,
-                     cost_power=config.cost_power, rule=config.rule, max_layer_sparsity=config.max_layer_sparsity)
+    selection: Dict[str, Any] = {}
+    if config.latency_reduction is not None:
+        keep, selection = _select_for_latency(config, model, scores, tiebreak, graph, units, dummy_input, device)
+    else:
+        keep, _ = select(config.method, scores, tiebreak, sparsity=config.sparsity,
+                         flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
+                         units=units, round_to=config.round_to, normalization=config.normalize,
+                         cost_power=config.cost_power, rule=config.rule, max_layer_sparsity=config.max_layer_sparsity)
     layers = unit_convs(units)
     macs = 1 - macs_of(graph, keep, config.flops_convention) / macs_of(graph, {}, config.flops_convention)
     print(f"selection: {filters_removed(keep, layers):.1%} of the {sum(keep[n].numel() for n in layers)} ranked "
           f"filters and {macs:.1%} of MACs ({config.flops_convention}) removed", flush=True)
-    return to_nni_masks(model, keep)
+    return to_nni_masks(model, keep), selection
+
+
+def _select_for_latency(config: PruneConfig, model: nn.Module, scores, tiebreak, graph: ModelGraph,
+                        units: Dict[str, Unit], dummy_input: torch.Tensor, device: torch.device
+                        ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``select_for_latency`` on the run's settings; the kept filters and the summary fields of the selection."""
+    on = resolve_device(config.latency_device, device)
+    result = select_for_latency(scores, tiebreak, reduction=config.latency_reduction, model=model, graph=graph,
+                                units=units, dummy_input=dummy_input, device=str(on), batch=config.latency_batch,
+                                timer=latency_timer(config), max_layer_sparsity=config.max_layer_sparsity,
+                                round_to=config.round_to, normalization=config.normalize,
+                                cost_power=config.cost_power, convention=config.flops_convention)
+    print(f"latency: {result.measured:.1%} measured reduction at batch {config.latency_batch} on {on} "
+          f"(target {config.latency_reduction:.1%}, {len(result.tries)} tries, widths multiples of {result.round_to}, "
+          f"latency table "
+          f"{'reused' if result.table is not None and result.table.reused else 'measured'})", flush=True)
+    return result.keep, {"latency_measured_reduction_pct": 100.0 * result.measured,
+                         "latency_tries": len(result.tries), "latency_round_to": result.round_to,
+                         "latency_selection_dense_ms": 1e3 * result.dense_seconds,
+                         "latency_selection_slim_ms": 1e3 * result.slim_seconds}
 
 
 def layerwise_retrain(config: PruneConfig, model: nn.Module, masks: Masks, graph: ModelGraph,
@@ -203,18 +250,19 @@ def _dummy(config: PruneConfig) -> torch.Tensor:
 
 
 def prune(config: PruneConfig, baseline: nn.Module, stats: Optional[Statistics], plain_train: Dataset,
-          loader: DataLoader, device: torch.device) -> Tuple[nn.Module, Masks]:
-    """Statistics (unless given), masks, optional layer-wise retraining, slimming: a pruned copy of ``baseline``."""
+          loader: DataLoader, device: torch.device) -> Tuple[nn.Module, Masks, Dict[str, Any]]:
+    """Statistics (unless given), masks, optional layer-wise retraining, slimming: a pruned copy of ``baseline``,
+    its masks and what the selection reports (``choose_masks``)."""
     seed_everything(config.seed)
     graph = trace(baseline, _dummy(config))
     units = prunable_units(graph, config.scope)
     stats = stats or gather_statistics(config, baseline, plain_train, graph, unit_convs(units), device)
     model = copy.deepcopy(baseline).cpu()
-    masks = choose_masks(config, model, stats, graph, units)
+    masks, selection = choose_masks(config, model, stats, graph, units, _dummy(config), device)
     if config.layerwise_retrain:
         layerwise_retrain(config, model.to(device), masks, graph, loader, device)
     slim(model.cpu().eval(), masks, _dummy(config))
-    return model.to(device), masks
+    return model.to(device), masks, selection
 
 
 def recalibrate(config: PruneConfig, model: nn.Module, plain_train: Dataset, batches: int,
@@ -241,6 +289,19 @@ def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Ma
     costs = cost_table(measure(baseline, size), measure(model, size))
     write_table(costs, save_dir / "costs.csv", "MACs and parameters per image, before and after pruning")
     return costs
+
+
+def measure_latency(config: LatencySettings, dense: nn.Module, slim_model: nn.Module, input_size: Sequence[int],
+                    device: torch.device) -> Dict[str, Any]:
+    """Dense and slim latency on ``--latency_device`` (default ``device``, the run's) at batch 1 and the run's
+    batch size, with the run's --latency_amp / --latency_channels_last, printed and returned as summary fields
+    (``latency.report.compare_latency``). ``config``: a CIFAR or an ImageNet stage-1 config."""
+    batches = sorted({1, config.batch_size})
+    fields = compare_latency(dense, slim_model, input_size, str(resolve_device(config.latency_device, device)),
+                             batches, min_run_time=REPORT_MIN_RUN_TIME, amp=config.latency_amp,
+                             channels_last=config.latency_channels_last)
+    print(latency_line(fields, batches), flush=True)
+    return fields
 
 
 def finetune(config: PruneConfig, model: nn.Module, masks: Masks, loaders: Tuple[DataLoader, DataLoader],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from ..distributed import DEFAULT_TIMEOUT_S, RankError, cleanup, is_distributed, launched_rank, peer_failure
 from ..files.checkpoint import CheckpointError
@@ -57,6 +57,25 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rule", choices=RULES, help="selection: global (one ranking, CDP's), adaptive (the same ranking with "
                                     "GFI-AP's per-layer cap (1+p)/2; our default for both) or threshold (the GFI-AP "
                                     "paper's: every filter at or below its threshold, ties included)")
+
+
+def add_latency_arguments(parser: argparse.ArgumentParser, default_device: str,
+                          targets: Callable[[str], Any] = str) -> None:
+    """--latency_reduction (parsed by ``targets``, as the script parses its other targets), --latency_device and
+    --latency_batch, worded the same in every script."""
+    a = parser.add_argument
+    a("--latency_reduction", type=targets, metavar="R",
+      help="fraction of the dense network's latency to remove, as measured on --latency_device at --latency_batch "
+           "(instead of --sparsity or --flops_reduction; a list such as 0.3,0.4 sweeps them)")
+    a("--latency_device", metavar="DEVICE",
+      help=f"cpu, cuda or cuda:N: where latency is measured, for the target and the reports (default: "
+           f"{default_device})")
+    a("--latency_batch", type=int, default=1, metavar="N",
+      help="batch size of the latency target (default 1); reports give batch 1 and the run's batch size")
+    a("--latency_amp", action="store_true",
+      help="time under torch.autocast (float16 on CUDA, bfloat16 on the CPU), for the target and the reports")
+    a("--latency_channels_last", action="store_true",
+      help="time networks and inputs in channels-last memory format, for the target and the reports")
 
 
 def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ from ..graph.groups import Unit
 from ..graph.scope import SCOPES, prunable_units, unit_convs
 from ..graph.sites import read_points
 from ..graph.trace import ModelGraph, trace
+from ..latency.timing import resolve_device as latency_device
 from ..masks.masked import Masks
 from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
@@ -59,7 +60,7 @@ from ..statistics.store import Statistics
 from ..train.loop import seed_everything
 from ..train.recalibrate import check_batches, recalibrate_batchnorm
 from .cifar_config import PruneConfig
-from .cifar_steps import choose_masks
+from .cifar_steps import choose_masks, measure_latency
 from .cli import USER_ERRORS
 from .folders import claim
 from .imagenet_stage2 import resolve_device, save_masks_checkpoint
@@ -69,7 +70,9 @@ from .report import Costs, cost_summary, cost_table, kept_table, measure, remove
 STATISTICS_NAME, MASKS_NAME, SLIM_NAME = "statistics.pth", "masks.pth", "slim.pth"
 RESULTS_NAME, LAYERS_NAME, COSTS_NAME = "results.csv", "layers.csv", "costs.csv"
 # An output folder holding any of these holds a stage-1 run (a statistics file alone is there to be reused)
-STAGE1_FILES = (MASKS_NAME, SLIM_NAME, RESULTS_NAME, LAYERS_NAME, COSTS_NAME, "sparsity_*", "flops_reduction_*")
+STAGE1_FILES = (MASKS_NAME, SLIM_NAME, RESULTS_NAME, LAYERS_NAME, COSTS_NAME, "sparsity_*", "flops_reduction_*",
+                "latency_reduction_*")
+TARGET_KINDS = ("sparsity", "flops_reduction", "latency_reduction")
 MIN_INPUT_SIZE = 32
 
 
@@ -84,6 +87,11 @@ class Stage1Config(CriterionOptions):
     sparsity: Tuple[float, ...] = ()
     flops_reduction: Tuple[float, ...] = ()
     flops_convention: str = "conv-linear"
+    latency_reduction: Tuple[float, ...] = ()
+    latency_device: Optional[str] = None
+    latency_batch: int = 1
+    latency_amp: bool = False
+    latency_channels_last: bool = False
     stop_batch: int = 200
     batch_size: int = 128
     workers: int = 4
@@ -101,7 +109,8 @@ class Stage1Config(CriterionOptions):
 
 @dataclass(frozen=True)
 class Target:
-    """One pruning target of a run: a fraction of filters ("sparsity") or of MACs ("flops_reduction")."""
+    """One pruning target of a run: a fraction of filters ("sparsity"), of MACs ("flops_reduction") or of the
+    measured latency ("latency_reduction")."""
 
     kind: str
     value: float
@@ -114,12 +123,13 @@ class Target:
 
 @dataclass
 class Point:
-    """The outcome for one target: masks, the slimmed network and its costs."""
+    """The outcome for one target: masks, the slimmed network, its costs and what the selection reported."""
 
     target: Target
     masks: Masks
     model: nn.Module
     costs: pd.DataFrame
+    selection: Dict[str, Any]
 
 
 def parse_fractions(text: Optional[str], flag: str) -> Tuple[float, ...]:
@@ -139,9 +149,13 @@ def parse_fractions(text: Optional[str], flag: str) -> Tuple[float, ...]:
 
 def targets_of(config: Stage1Config) -> List[Target]:
     """The run's targets, in the order given."""
-    if bool(config.sparsity) == bool(config.flops_reduction):
-        raise ValueError("give exactly one of --sparsity and --flops_reduction (each may be a list: 0.3,0.5)")
-    kind = "sparsity" if config.sparsity else "flops_reduction"
+    given = [kind for kind in TARGET_KINDS if getattr(config, kind)]
+    if config.latency_reduction and len(given) > 1:
+        raise ValueError(f"give --latency_reduction or --{given[0]}, not both: they are two targets")
+    if len(given) != 1:
+        raise ValueError("give exactly one of --sparsity and --flops_reduction (or --latency_reduction; each may be "
+                         "a list: 0.3,0.5)")
+    kind = given[0]
     values = getattr(config, kind)
     for value in values:
         check_fraction(value, f"--{kind}")
@@ -167,7 +181,8 @@ def check(config: Stage1Config) -> List[Target]:
         raise ValueError(f"--scope must be one of {SCOPES}, got {config.scope!r}")
     if config.round_to is not None and config.round_to < 1:
         raise ValueError(f"--round_to must be a positive integer, got {config.round_to}")
-    for name, minimum in (("stop_batch", 1), ("batch_size", 1), ("workers", 0), ("input_size", MIN_INPUT_SIZE)):
+    for name, minimum in (("stop_batch", 1), ("batch_size", 1), ("workers", 0), ("input_size", MIN_INPUT_SIZE),
+                          ("latency_batch", 1)):
         _check_int(config, name, minimum)
     if not config.dataroot:
         raise ValueError("--dataroot is required (a folder with train/ and val/ class folders)")
@@ -258,29 +273,36 @@ def gather_statistics(config: Stage1Config, model: nn.Module, dataset: Dataset, 
 
 
 def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Statistics, graph: ModelGraph,
-              units: Dict[str, Unit]) -> Masks:
-    """NNI masks for one target, chosen by the CIFAR pipeline's scoring and global selection."""
+              units: Dict[str, Unit], device: torch.device) -> Tuple[Masks, Dict[str, Any]]:
+    """NNI masks for one target, chosen by the CIFAR pipeline's scoring and global selection (a latency target
+    measured on ``--latency_device``, by default ``device``), and what the selection reported."""
     criterion = {f.name: getattr(config, f.name) for f in fields(CriterionOptions)}
-    prune_config = PruneConfig(**criterion, flops_convention=config.flops_convention, **{target.kind: target.value})
-    return choose_masks(prune_config, model, stats, graph, units)
+    prune_config = PruneConfig(**criterion, flops_convention=config.flops_convention, **{target.kind: target.value},
+                               latency_device=config.latency_device, latency_batch=config.latency_batch,
+                               latency_amp=config.latency_amp, latency_channels_last=config.latency_channels_last)
+    return choose_masks(prune_config, model, stats, graph, units, dummy_input(config), device)
 
 
 def slim_point(target: Target, model: nn.Module, masks: Masks, dense_costs: Costs, input_size: int,
-               recalibration: Optional[Tuple[DataLoader, int]] = None) -> Point:
+               recalibration: Optional[Tuple[DataLoader, int]] = None, selection: Optional[Dict[str, Any]] = None
+               ) -> Point:
     """Slim a copy of the dense network with ``masks`` (at <= 64x64: only the shape matters) and count its costs.
 
-    ``recalibration`` = (loader, batches) re-estimates the slim network's BatchNorm statistics.
+    ``recalibration`` = (loader, batches) re-estimates the slim network's BatchNorm statistics; ``selection`` is
+    what the selection reported (``choose_masks``).
     """
     size = min(SLIM_DUMMY_SIZE, input_size)
     slimmed = slim(copy.deepcopy(model).eval(), masks, torch.randn(1, 3, size, size))
     if recalibration is not None and recalibration[1]:
         recalibrate_batchnorm(slimmed, *recalibration)
-    return Point(target, masks, slimmed, cost_table(dense_costs, measure(slimmed, (3, input_size, input_size))))
+    return Point(target, masks, slimmed, cost_table(dense_costs, measure(slimmed, (3, input_size, input_size))),
+                 dict(selection or {}))
 
 
-def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classes: int, directory: Path
-                ) -> Dict[str, Any]:
-    """Write one target's checkpoints and tables; returns its results row."""
+def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classes: int, directory: Path,
+                device: torch.device) -> Dict[str, Any]:
+    """Write one target's checkpoints and tables; returns its results row, with the dense and slim latency on
+    ``--latency_device`` (default ``device``) at batch 1 and the run's batch size."""
     args = {**asdict(config), "target": point.target.kind, "target_value": point.target.value}
     save_masks_checkpoint(directory / MASKS_NAME, config.model, num_classes, point.masks, dense.state_dict(), args)
     save_slim_checkpoint(directory / SLIM_NAME, config.model, point.model, point.masks, num_classes, args)
@@ -291,7 +313,8 @@ def write_point(config: Stage1Config, point: Point, dense: nn.Module, num_classe
     write_table(point.costs, directory / COSTS_NAME, f"{point.target.name}: MACs and parameters per image")
     return {"target": point.target.kind, "target_value": point.target.value, "method": config.method,
             "cdp_mode": config.cdp_mode if config.method == "cdp" else None, "dir": str(directory),
-            "achieved_sparsity": removed_fraction(keep), **cost_summary(point.costs)}
+            "achieved_sparsity": removed_fraction(keep), **cost_summary(point.costs), **point.selection,
+            **measure_latency(config, dense, point.model, (3, config.input_size, config.input_size), device)}
 
 
 def prepare_dirs(config: Stage1Config, targets: Sequence[Target]) -> None:
@@ -301,10 +324,12 @@ def prepare_dirs(config: Stage1Config, targets: Sequence[Target]) -> None:
     ensure_writable_dir(statistics_path(config).parent)
 
 
-def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Module, num_classes: int
-                  ) -> pd.DataFrame:
-    """Write every target's files and results.csv (one row per target)."""
-    rows = [write_point(config, p, dense, num_classes, point_dir(config, p.target, len(points) > 1)) for p in points]
+def write_results(config: Stage1Config, points: Sequence[Point], dense: nn.Module, num_classes: int,
+                  device: torch.device) -> pd.DataFrame:
+    """Write every target's files and results.csv (one row per target; latency measured on ``device`` unless
+    ``--latency_device`` says otherwise)."""
+    rows = [write_point(config, p, dense, num_classes, point_dir(config, p.target, len(points) > 1), device)
+            for p in points]
     results = pd.DataFrame(rows)
     write_table(results, output_dir(config) / RESULTS_NAME, "Results, one row per target")
     return results
@@ -348,6 +373,7 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     config = replace(config, **asdict(config.variant()))
     targets = check(config)
     info = resolve_device(config)
+    on_every_rank(lambda: latency_device(config.latency_device, info.device), USER_ERRORS)
     config = claim_output(config, info)
     p = on_every_rank(lambda: prepare(config, targets, info), USER_ERRORS)
     same_on_every_rank(p.meta["fingerprint"]["weights_sha256"], "the weights' hash (give every rank the same file)")
@@ -356,15 +382,17 @@ def run(config: Stage1Config) -> Optional[pd.DataFrame]:
     if p.stats is not None and info.is_main:
         print(f"statistics: reusing {statistics_path(config)} ({p.stats.num_images} images)", flush=True)
     stats = p.stats or gather_statistics(config, p.model, p.train_plain, p.graph, unit_convs(p.units), p.meta, info)
-    masks = on_every_rank(lambda: {t: masks_for(config, t, p.model, stats, p.graph, p.units) for t in targets},
-                          USER_ERRORS)
+    # a latency target is measured by rank 0 alone (timings differ between ranks); the others wait to agree
+    chosen = on_every_rank(lambda: {t: masks_for(config, t, p.model, stats, p.graph, p.units, info.device)
+                                    for t in targets if info.is_main or t.kind != "latency_reduction"}, USER_ERRORS)
     if not info.is_main:
         return None
     dense_costs = measure(p.model, (3, config.input_size, config.input_size))
     recal = (make_loader(p.train_plain, config.batch_size, shuffle=True, workers=config.workers, seed=config.seed),
              p.recal_batches)
-    points = [slim_point(t, p.model, m, dense_costs, config.input_size, recal) for t, m in masks.items()]
-    results = write_results(config, points, p.model, p.num_classes)
+    points = [slim_point(t, p.model, m, dense_costs, config.input_size, recal, selection)
+              for t, (m, selection) in chosen.items()]
+    results = write_results(config, points, p.model, p.num_classes, info.device)
     print(result_line(output_dir(config), results.to_dict("records"),
                       f"result at --{targets[0].kind} {','.join(f'{t.value:g}' for t in targets)}"), flush=True)
     print(f"next, stage 2 (retraining; top-1 is measured there): "

@@ -31,7 +31,8 @@ EFFECT_PANELS = (
 )
 # x label per sweep target: the requested values, as the user typed them
 TARGET_LABELS = {"sparsity": "requested sparsity (fraction of filters removed)",
-                 "flops_reduction": "requested MACs reduction (fraction)"}
+                 "flops_reduction": "requested MACs reduction (fraction)",
+                 "latency_reduction": "requested latency reduction (fraction)"}
 
 
 def _save(figure: Figure, path: Optional[PathLike]) -> Figure:
@@ -49,7 +50,7 @@ def varies(values: pd.Series) -> bool:
 
 def plot_pruning_effect(sweep: pd.DataFrame, path: Optional[PathLike] = None, title: str = "Pruning effect",
                         target: str = "sparsity") -> Figure:
-    """Panels against the requested ``target`` ("sparsity" or "flops_reduction"), one point per row of
+    """Panels against the requested ``target`` (a key of ``TARGET_LABELS``), one point per row of
     ``sweep`` (``sweep.csv``); a panel whose values do not vary (or are missing) is left out."""
     frame = sweep.assign(macs_retained_pct=100.0 - sweep["macs_reduction_pct"],
                          params_retained_pct=100.0 - sweep["params_reduction_pct"]).sort_values(target)

@@ -21,12 +21,13 @@ from .cifar import Session, claim_folder, open_session, run_point
 from .cifar_config import PruneConfig, resolve
 from .cifar_steps import _dummy, gather_statistics, record_arguments
 from .imagenet_stage2 import load_pruned_checkpoint
-from .plots import plot_pruning_effect
+from .plots import TARGET_LABELS as TARGETS, plot_pruning_effect
 from .report import result_line, write_table
 
 
 def sweep(config: PruneConfig, targets: Sequence[float]) -> pd.DataFrame:
-    """Several targets (of ``--sparsity``, or of ``--flops_reduction`` when that is set) from one statistics pass.
+    """Several targets (of ``--sparsity``, ``--flops_reduction`` or ``--latency_reduction``, whichever is set) from
+    one statistics pass (a latency target measures its table once: it is cached).
 
     Each point runs like a single run in ``save_dir/point_<target>/``; then
     ``sweep.csv`` (one summary row per point, plus the selection's score
@@ -35,7 +36,7 @@ def sweep(config: PruneConfig, targets: Sequence[float]) -> pd.DataFrame:
     printed. The folder is claimed as a single run's is (``claim_folder``).
     With ``resume``, finished points are kept and the others continue.
     """
-    key = "sparsity" if config.sparsity is not None else "flops_reduction"
+    key = next(k for k in TARGETS if getattr(config, k) is not None)
     targets = [check_fraction(t, f"--{key}") for t in targets]
     config = resolve(claim_folder(replace(config, **{key: targets[0]})))
     session = open_session(config, lambda save_dir: record_arguments(config, save_dir, {key: targets}))
