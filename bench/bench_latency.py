@@ -45,6 +45,7 @@ from cdp_gfi.latency.table import latency_table  # noqa: E402
 from cdp_gfi.latency.timing import BenchmarkTimer, device_name, resolve_device  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "readme"
+SLIM = 64  # NNI slims at 64x64 (torchvision's nets pool adaptively): at 224x224 it took 18 GB on ResNet-50
 NETWORKS = ("latency-targeted", "MACs-targeted", "Torch-Pruning")
 
 
@@ -71,14 +72,14 @@ def slim_networks(name: str, size: int, batch: int, target: float, device: torch
     reused = time.perf_counter() - started
     result = select_for_latency(scores, reduction=target, model=dense, graph=graph, units=units, dummy_input=dummy,
                                 device=str(device), batch=batch, timer=timer, cache_dir=cache_dir,
-                                tolerance=tolerance)
+                                tolerance=tolerance, slim_input=torch.zeros(1, 3, SLIM, SLIM))
     shape = (3, size, size)
     macs = count_flops(dense, shape)[0]
-    ours = competitors.slimmed(dense, to_nni_masks(dense, result.keep), shape)
+    ours = competitors.slimmed(dense, to_nni_masks(dense, result.keep), (3, SLIM, SLIM))
     removed = 1.0 - count_flops(ours, shape)[0] / macs
     keep, _ = select("cdp", scores, flops_reduction=removed, graph=graph, units=units,
                      round_to=result.round_to if result.round_to > 1 else None)  # the latency net's widths
-    by_macs = competitors.slimmed(dense, to_nni_masks(dense, keep), shape)
+    by_macs = competitors.slimmed(dense, to_nni_masks(dense, keep), (3, SLIM, SLIM))
     theirs = competitors.tp_at_macs(dense, unit_convs(units), removed, shape)[0]
     return {"nets": {"dense": dense, NETWORKS[0]: ours, NETWORKS[1]: by_macs, NETWORKS[2]: theirs.eval()},
             "table_build_s": float("nan") if table.reused else built,  # already in --cache_dir: not built here

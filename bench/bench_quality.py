@@ -30,6 +30,7 @@ import os
 import sys
 import time
 import warnings
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -89,12 +90,31 @@ METHODS = (*BASES, *(f"{m}+{r}" for r in ("rec", "kd", "rec+kd") for m in ("cdp"
 MAIN = ("dense", "cdp", "gfi-ap", PEER, "l1-layernorm", "tp-global", "cdp+rec", "gfi-ap+rec", f"{PEER}+rec")
 
 
+def ours(base: str) -> Optional[Tuple[str, Variant]]:
+    """(criterion, variant) of one of our rows: a named one, or a default with options changed, spelt
+    ``cdp{cost_power=0.5;max_layer_sparsity=none}`` (the variant search); None for the other rows."""
+    if base in OURS:
+        return OURS[base]
+    name, brace, options = base.partition("{")
+    if name not in ("cdp", "gfi-ap") or not brace or not options.endswith("}"):
+        return None
+    kind, fields = name.replace("gfi-ap", "gfi"), [f.name for f in dataclasses.fields(Variant)]
+    changes = {}
+    for option in options[:-1].split(";"):
+        key, _, value = option.partition("=")
+        if key not in fields or not value:
+            raise ValueError(f"row {base!r}: {option!r} is not key=value with a key among {', '.join(fields)}")
+        changes[key] = (None if value == "none" else float(value) if key in ("cost_power", "max_layer_sparsity")
+                        else value)
+    return kind, replace(DEFAULTS[kind], **changes)
+
+
 def parse_method(method: str) -> Tuple[str, Tuple[str, ...]]:
     """``cdp+rec+kd`` -> (``cdp``, (``rec``, ``kd``)); refuses unknown rows and recovery that cannot apply."""
     base, *extra = method.split("+")
-    if base not in BASES or any(r not in RECOVERY for r in extra):
-        raise ValueError(f"unknown row {method!r}: a row is one of {', '.join(BASES)}, optionally followed by "
-                         "+rec and/or +kd")
+    if (base not in BASES and ours(base) is None) or any(r not in RECOVERY for r in extra):
+        raise ValueError(f"unknown row {method!r}: a row is one of {', '.join(BASES)} (ours with options: "
+                         "cdp{cost_power=0.5;...}), optionally followed by +rec and/or +kd")
     if extra and (base == "dense" or base.startswith("tp-")):
         raise ValueError(f"row {method!r}: recovery applies to rows with masks (not dense or Torch-Pruning's)")
     return base, tuple(extra)
@@ -128,8 +148,8 @@ class Bench:
 
     def masks(self, method: str, target: float) -> competitors.Masks:
         """The masks of ``method`` removing ``target`` of conv+linear MACs (every row but Torch-Pruning's)."""
-        if method in OURS:
-            kind, variant = OURS[method]
+        if ours(method) is not None:
+            kind, variant = ours(method)
             stats = self.statistics(variant.site)
             scores, tie = scores_from_statistics(stats, kind, variant.cdp_mode, None, self.scope)
             keep, _ = select(kind, scores, tie, flops_reduction=target, graph=self.graph,

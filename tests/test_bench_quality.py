@@ -1,4 +1,5 @@
 """The held-out quality bench's inputs: the adapted-network cache and bad input, on tiny real data."""
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import adaptation  # noqa: E402
 import bench_quality  # noqa: E402
 from cdp_gfi import build_model  # noqa: E402
+from cdp_gfi.masks.variants import DEFAULTS  # noqa: E402
 from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
 from cdp_gfi.data.samplers import make_loader  # noqa: E402
 
@@ -63,6 +65,14 @@ def test_negative_epochs_are_one_error_line(cifar_root, checkpoint, capsys, flag
 
 def test_unknown_rows_and_recovery_on_rows_without_masks_are_refused():
     assert bench_quality.parse_method("cdp+rec+kd") == ("cdp", ("rec", "kd"))
-    for bad in ("cdp+foo", "nope", "dense+rec", "tp-global+kd"):
+    for bad in ("cdp+foo", "nope", "dense+rec", "tp-global+kd", "cdp{cost=1}", "l1{cost_power=1}", "cdp{rule=}"):
         with pytest.raises(ValueError):
             bench_quality.parse_method(bad)
+
+
+def test_a_variant_row_changes_the_default_by_its_options():
+    kind, variant = bench_quality.ours("cdp{cost_power=0.5;max_layer_sparsity=none;cdp_mode=classwise}")
+    want = dataclasses.replace(DEFAULTS["cdp"], cost_power=0.5, max_layer_sparsity=None, cdp_mode="classwise")
+    assert kind == "cdp" and variant == want != DEFAULTS["cdp"]
+    assert bench_quality.ours("gfi-ap{site=conv}") == ("gfi", dataclasses.replace(DEFAULTS["gfi"], site="conv"))
+    assert bench_quality.parse_method("gfi-ap{site=conv}+rec") == ("gfi-ap{site=conv}", ("rec",))

@@ -31,7 +31,7 @@ from ..masks.select import filters_removed, select, to_nni_masks
 from ..models import input_size_for, num_classes_for
 from ..scores.importance import scores_from_statistics, statistics_kinds
 from ..slimming.reconstruct import DEFAULT_BATCHES as RECONSTRUCT_BATCHES, reconstruct
-from ..slimming.slim_files import slim_recipe
+from ..slimming.slim_files import SLIM_DUMMY_SIZE, slim_recipe
 from ..slimming.speedup import slim
 from ..statistics.collect import collect_statistics
 from ..statistics.fingerprint import fingerprint
@@ -209,7 +209,8 @@ def _select_for_latency(config: PruneConfig, model: nn.Module, scores, tiebreak,
                                 units=units, dummy_input=dummy_input, device=str(on), batch=config.latency_batch,
                                 timer=latency_timer(config), max_layer_sparsity=config.max_layer_sparsity,
                                 round_to=config.round_to, normalization=config.normalize,
-                                cost_power=config.cost_power, convention=config.flops_convention)
+                                cost_power=config.cost_power, convention=config.flops_convention,
+                                slim_input=dummy_input[..., :SLIM_DUMMY_SIZE, :SLIM_DUMMY_SIZE])
     print(f"latency: {result.measured:.1%} measured reduction at batch {config.latency_batch} on {on} "
           f"(target {config.latency_reduction:.1%}, {len(result.tries)} tries, widths multiples of {result.round_to}, "
           f"latency table "
