@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--layerwise_retrain", type=int, default=0, metavar="N",
       help="GFI-AP: prune layer by layer, N epochs of training after each (default 0: one shot)")
     add_recalibration_argument(p)
-    add_recovery_arguments(p)
+    add_recovery_arguments(p, on_by_default=True)
     a("--seed", type=int, default=0, help="seed of sampling, training and the digits split (default 0)")
     a("--save_dir", help="run folder (default runs/<dataset>_<model>_<method>_seed<seed>, or its next free name "
                          "...-2, -3 when it holds another run); a folder holding another run is refused")

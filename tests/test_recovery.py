@@ -87,3 +87,19 @@ def test_distillation_refuses_bad_settings():
         Distillation(tiny(), weight=1.5)
     with pytest.raises(ValueError, match="distill_temperature"):
         Distillation(tiny(), temperature=0.0)
+
+
+def test_a_layer_that_lost_outputs_too_is_fitted_to_the_outputs_it_kept():
+    # scope "all": a stream conv loses filters and reads pruned channels at once
+    dense = tiny()
+    masks = to_nni_masks(dense, {"0": torch.arange(8) < 5, "3": torch.arange(8) % 2 == 0})
+    model = slim(copy.deepcopy(dense), masks, torch.zeros(1, 3, 8, 8)).eval()
+    sample = batches()
+
+    def logits_error():
+        with torch.no_grad():
+            return sum(float((model(x) - dense(x)).pow(2).mean()) for x, _ in sample)
+
+    before = logits_error()
+    assert reconstruct(dense, model, masks, sample) == ["3", "8"]
+    assert logits_error() < before

@@ -85,14 +85,21 @@ def add_recalibration_argument(parser: argparse.ArgumentParser) -> None:
                              "training images (default 20, or all of a smaller training set; 0 turns it off)")
 
 
-def add_recovery_arguments(parser: argparse.ArgumentParser, reconstruct: bool = True) -> None:
-    """--reconstruct and --distill (with its temperature and weight), worded the same in every script."""
+def add_recovery_arguments(parser: argparse.ArgumentParser, reconstruct: bool = True,
+                           on_by_default: bool = False) -> None:
+    """--reconstruct and --distill (with its temperature and weight), worded the same in every script.
+
+    ``on_by_default``: both are on unless ``--published`` (the CIFAR run, where the dense teacher is at hand);
+    ``--no-reconstruct`` / ``--no-distill`` turn them off.
+    """
     a = parser.add_argument
+    flag = dict(action=argparse.BooleanOptionalAction, default=None) if on_by_default else dict(action="store_true")
+    default = " (default: on, off with --published)" if on_by_default else ""
     if reconstruct:
-        a("--reconstruct", action="store_true",
+        a("--reconstruct", **flag,
           help="after pruning, refit each layer reading a pruned conv by least squares on sampled training images "
-               "so its outputs match the dense network's")
-    a("--distill", action="store_true", help="fine-tune with the dense network as teacher (knowledge distillation)")
+               f"so its outputs match the dense network's{default}")
+    a("--distill", **flag, help=f"fine-tune with the dense network as teacher (knowledge distillation){default}")
     a("--distill_temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
       help=f"softmax temperature of --distill (default {DEFAULT_TEMPERATURE:g})")
     a("--distill_weight", type=float, default=DEFAULT_WEIGHT, metavar="W",

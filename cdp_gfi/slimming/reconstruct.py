@@ -88,6 +88,18 @@ def _rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     return xs.double(), ys.double()
 
 
+def _kept_outputs(masks: Masks, name: str, width: int) -> Tensor:
+    """Indices of the dense layer's outputs the slim one kept: a layer of the residual stream (scope "all") loses
+    outputs as well as inputs."""
+    weight = masks.get(name, {}).get("weight")
+    if weight is None:
+        return torch.arange(width)
+    kept = weight.flatten(1).any(1).nonzero().flatten()
+    if kept.numel() != width:
+        raise RuntimeError(f"reconstruct: {name} keeps {kept.numel()} filters in its mask but has {width}")
+    return kept
+
+
 @torch.no_grad()
 def reconstruct(dense: nn.Module, slim: nn.Module, masks: Masks, loader: Iterable,
                 batches: Optional[int] = DEFAULT_BATCHES, ridge: float = DEFAULT_RIDGE) -> List[str]:
@@ -108,10 +120,10 @@ def reconstruct(dense: nn.Module, slim: nn.Module, masks: Masks, loader: Iterabl
         d = layer.weight[0].numel() + (layer.bias is not None)
         gram = torch.zeros(d, d, dtype=torch.float64, device=device)
         cross = torch.zeros(d, layer.weight.shape[0], dtype=torch.float64, device=device)
-        rows = 0
+        rows, kept = 0, _kept_outputs(masks, name, layer.weight.shape[0])
         for batch in images:
             xs, ys = _rows(layer, _capture(slim, layer, batch, output=False),
-                           _capture(dense, dense_modules[name], batch, output=True))
+                           _capture(dense, dense_modules[name], batch, output=True)[:, kept])
             gram += xs.T @ xs
             cross += xs.T @ ys
             rows += xs.shape[0]
