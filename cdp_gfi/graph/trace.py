@@ -213,7 +213,8 @@ def split_owner(model: Optional[nn.Module], node: fx.Node) -> Optional[Tuple[str
     sizes = node.args[1]
     if dim not in (1, -3) or not isinstance(sizes, (list, tuple)):
         return None
-    path = next(reversed(node.meta.get("nn_module_stack", {}) or {"": None}), "")
+    stack = list(node.meta.get("nn_module_stack") or {})  # enclosing modules, outermost first
+    path = stack[-1] if stack else ""
     owner = model.get_submodule(path) if path else model
     names = [k for k, v in vars(owner).items() if not k.startswith("_") and isinstance(v, (list, tuple))
              and list(v) == list(sizes)]
