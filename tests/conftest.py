@@ -54,3 +54,16 @@ def imagefolder_root(tmp_path_factory) -> Path:
             gray = Image.fromarray((image * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BILINEAR)
             gray.convert("RGB").save(folder / f"{i}.png")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whatever ran before it (a test's tiny model and data must
+    not depend on the order pytest runs them in)."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
