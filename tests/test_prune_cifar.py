@@ -162,8 +162,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(cifar_run, cifar_root,
 
 def test_sigint_keeps_the_last_complete_checkpoint(cifar_root, pretrained, tmp_path):
     argv = cifar_args(cifar_root, pretrained, tmp_path) + ["--epochs", "60"]
+    # SIGINT as a terminal sends it, even where the tests run in a background job (which starts with it ignored,
+    # and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

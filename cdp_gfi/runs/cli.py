@@ -90,16 +90,19 @@ def add_recovery_arguments(parser: argparse.ArgumentParser, reconstruct: bool = 
     """--reconstruct and --distill (with its temperature and weight), worded the same in every script.
 
     ``on_by_default``: both are on unless ``--published`` (the CIFAR run, where the dense teacher is at hand);
-    ``--no-reconstruct`` / ``--no-distill`` turn them off.
+    ``--no_reconstruct`` / ``--no_distill`` turn them off.
     """
     a = parser.add_argument
-    flag = dict(action=argparse.BooleanOptionalAction, default=None) if on_by_default else dict(action="store_true")
+    flag = dict(action="store_const", const=True, default=None) if on_by_default else dict(action="store_true")
     default = " (default: on, off with --published)" if on_by_default else ""
     if reconstruct:
         a("--reconstruct", **flag,
           help="after pruning, refit each layer reading a pruned conv by least squares on sampled training images "
                f"so its outputs match the dense network's{default}")
     a("--distill", **flag, help=f"fine-tune with the dense network as teacher (knowledge distillation){default}")
+    if on_by_default:
+        for name in ("reconstruct", "distill")[0 if reconstruct else 1:]:
+            a(f"--no_{name}", dest=name, action="store_const", const=False, help=f"turn --{name} off")
     a("--distill_temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
       help=f"softmax temperature of --distill (default {DEFAULT_TEMPERATURE:g})")
     a("--distill_weight", type=float, default=DEFAULT_WEIGHT, metavar="W",
