@@ -167,13 +167,18 @@ def test_statistics_are_reused_unless_recomputation_is_asked(cdp_dir, imagefolde
     assert counted_run([*common, "--recompute_statistics"], stage1, "collect_statistics").calls == 1
 
 
+def run_on_saved_statistics(cdp_dir, imagefolder_root, out, *flags) -> pd.DataFrame:
+    """Stage 1 into ``out`` with ``flags``, reusing the CDP run's statistics; its results.csv."""
+    stats = out.parent / "stats"
+    stats.mkdir(exist_ok=True)
+    shutil.copy(cdp_dir / "statistics.pth", stats / "statistics.pth")
+    assert script.main(args(imagefolder_root, out, "--allow_random_init", *flags,
+                            "--save_statistic_path", str(stats))) == 0
+    return pd.read_csv(out / "results.csv")
+
+
 def test_flops_target_is_met_in_the_slim_network(cdp_dir, imagefolder_root, tmp_path):
-    (tmp_path / "stats").mkdir()
-    shutil.copy(cdp_dir / "statistics.pth", tmp_path / "stats" / "statistics.pth")
-    out = tmp_path / "flops"
-    assert script.main(args(imagefolder_root, out, "--allow_random_init", "--flops_reduction", "0.3",
-                            "--save_statistic_path", str(tmp_path / "stats"))) == 0
-    results = pd.read_csv(out / "results.csv")
+    results = run_on_saved_statistics(cdp_dir, imagefolder_root, tmp_path / "flops", "--flops_reduction", "0.3")
     assert results["target"].iloc[0] == "flops_reduction"
     assert results["macs_reduction_pct"].iloc[0] == pytest.approx(30.0, abs=0.5)
 
@@ -181,12 +186,8 @@ def test_flops_target_is_met_in_the_slim_network(cdp_dir, imagefolder_root, tmp_
 def test_latency_target_is_met_and_reported(cdp_dir, imagefolder_root, tmp_path, monkeypatch):
     monkeypatch.setenv("CDP_GFI_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(stage1_steps, "latency_timer", lambda config: MacTimer())
-    (tmp_path / "stats").mkdir()
-    shutil.copy(cdp_dir / "statistics.pth", tmp_path / "stats" / "statistics.pth")
     out = tmp_path / "latency"
-    assert script.main(args(imagefolder_root, out, "--allow_random_init", "--latency_reduction", "0.3",
-                            "--save_statistic_path", str(tmp_path / "stats"))) == 0
-    results = pd.read_csv(out / "results.csv")
+    results = run_on_saved_statistics(cdp_dir, imagefolder_root, out, "--latency_reduction", "0.3")
     assert results["target"].iloc[0] == "latency_reduction" and results["target_value"].iloc[0] == 0.3
     assert results["latency_measured_reduction_pct"].iloc[0] == pytest.approx(30.0, abs=2.0)
     x = torch.zeros(1, 3, 32, 32)
