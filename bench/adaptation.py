@@ -61,7 +61,7 @@ def fine_tune(model: nn.Module, name: str, splits, test_loader, epochs: int, lr:
     ``teacher`` with ``distill`` = (temperature, weight) fine-tunes with knowledge distillation.
     """
     config = resolve(PruneConfig(dataset="cifar10", model=name, epochs=epochs, lr=lr, batch_size=BATCH, workers=0,
-                                 seed=seed, sparsity=0.5))
+                                 seed=seed, sparsity=0.5, reconstruct=False, distill=False))  # one recipe for all rows
     if distill is not None:
         config = replace(config, distill=True, distill_temperature=distill[0], distill_weight=distill[1])
     with tempfile.TemporaryDirectory() as tmp:

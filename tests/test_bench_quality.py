@@ -50,6 +50,20 @@ def test_the_adapted_network_cache_reuses_one_recipe_and_rebuilds_for_another(ci
     assert calls == [1, 2, 1] and "another recipe; rebuilding" in capsys.readouterr().err
 
 
+def test_fine_tuning_trains_without_a_teacher_and_with_one(cifar_root, checkpoint):
+    """The bench's recipe is plain SGD unless a row asks for distillation (recovery defaults do not leak in)."""
+    splits = cifar_datasets(cifar_root, check_integrity=False)
+    test = make_loader(splits[2], 64, shuffle=False)
+    student = build_model("resnet20", "cifar10")
+    before = [p.detach().clone() for p in student.parameters()]
+    top1 = adaptation.fine_tune(student, "resnet20", splits, test, 1, 0.01, 0)
+    assert 0.0 <= top1 <= 100.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    teacher = build_model("resnet20", "cifar10").eval()
+    assert 0.0 <= adaptation.fine_tune(build_model("resnet20", "cifar10"), "resnet20", splits, test, 1, 0.01, 0,
+                                       teacher=teacher, distill=(4.0, 0.5)) <= 100.0
+
+
 def test_a_data_root_without_the_layout_names_to_pickle(tmp_path, checkpoint, capsys):
     assert bench_quality.main(["--dataroot", str(tmp_path), "--nets", f"resnet20={checkpoint}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
