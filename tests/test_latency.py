@@ -119,6 +119,35 @@ def test_end_to_end_correction_converges(tmp_path):
     assert abs(result.measured - 0.3) <= 0.02
 
 
+class Repeated(nn.Module):
+    """A stem and three equal 16-channel blocks: the first two blocks' units touch equal modules at equal shapes."""
+
+    def __init__(self):
+        super().__init__()
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        self.features = nn.Sequential(block(3, 16), block(16, 16), block(16, 16), block(16, 16))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_units_of_equal_modules_and_shapes_are_timed_once(tmp_path):
+    torch.manual_seed(0)
+    model, dummy = Repeated().eval(), torch.randn(1, 3, 16, 16)
+    graph = trace(model, dummy)
+    units = prunable_units(graph, "internal")
+    timer = FakeTimer()
+    table = latency_table(model, graph, units, dummy, timer, torch.device("cpu"), tmp_path)
+    alone = {u: table_module.unit_curve(graph, unit, FakeTimer(), 1, torch.device("cpu"), torch.float32)
+             for u, unit in units.items()}
+    assert table.curves == alone  # sharing changes no curve
+    assert table.curves["features.1.0"] == table.curves["features.2.0"]
+    widths = {u: len(c.widths) for u, c in alone.items()}
+    assert timer.calls == 1 + sum(widths.values()) - widths["features.2.0"]  # the dense net, then each curve once
+
+
 def test_table_is_cached_and_a_stale_file_rebuilt(tmp_path, monkeypatch):
     model, dummy, graph, units, _ = setup()
     timer = FakeTimer()

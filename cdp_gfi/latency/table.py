@@ -6,9 +6,11 @@ BatchNorms, the consumers' inputs, parameter-free layers between) are built
 standalone at those widths and timed together; widths between grid points
 are interpolated. A unit's saving is its curve at full width minus at the
 kept width, other units dense; the end-to-end correction (``select``) absorbs
-what this leaves out. The cache key holds device name, torch version, dtype,
-input shape, threads, timer and the network's structure: a table measured
-under any other key is rebuilt, never reused.
+what this leaves out. Units whose modules and shapes are equal at every grid
+width (a stage's repeated blocks) share one measured curve. The cache key
+holds device name, torch version, dtype, input shape, threads, timer and the
+network's structure: a table measured under any other key is rebuilt, never
+reused.
 """
 from __future__ import annotations
 
@@ -124,26 +126,50 @@ def grid_widths(n_groups: int, grid: Sequence[float] = GRID) -> List[int]:
     return sorted({max(1, round(f * n_groups)) for f in grid} | {n_groups})
 
 
-def unit_curve(graph: ModelGraph, unit: Unit, timer: Timer, batch: int, device: torch.device,
-               dtype: torch.dtype, grid: Sequence[float] = GRID) -> Curve:
-    """Time the modules ``unit``'s width touches at each grid width (other units dense)."""
+Part = Tuple[nn.Module, Tuple[int, ...]]  # a standalone module and its input's shape (batch excluded)
+
+
+def unit_parts(graph: ModelGraph, unit: Unit, grid: Sequence[float] = GRID) -> Tuple[List[int], List[List[Part]]]:
+    """The grid widths of ``unit`` and, at each, the standalone modules its width touches (other units dense)."""
     sizes = {c: graph.modules[c].out_channels for c in unit.convs}
     widths = grid_widths(len(unit.groups), grid)
     smallest = {(id(m), s): (m, s) for m, s, _, _ in _touched(graph, unit.expand(_first_kept(unit, widths[0]), sizes))}
-    seconds = []
+    per_width = []
     for kept in widths:
         counts = {(id(m), s): (ci, co) for m, s, ci, co in _touched(graph, unit.expand(_first_kept(unit, kept), sizes))}
-        modules, inputs = [], []
+        parts = []
         for key, (mod, shape) in smallest.items():
             cin, cout = counts.get(key, (shape[1], None))
             if cout is None:  # at this width the module is whole
                 cout = mod.out_channels if isinstance(mod, nn.Conv2d) else cin
             part = _standalone(mod, cin, cout)
             if part is not None:
-                modules.append(part.to(device, dtype).eval())
-                inputs.append(torch.randn(batch, cin, *shape[2:], device=device, dtype=dtype))
+                parts.append((part, (cin, *shape[2:])))
+        per_width.append(parts)
+    return widths, per_width
+
+
+def parts_signature(widths: Sequence[int], per_width: Sequence[Sequence[Part]]) -> str:
+    """What a unit's curve depends on: its widths and each width's modules (configuration) and input shapes. Units
+    of equal signature (the repeated blocks of a stage) cost the same, so the table times one of them."""
+    return repr((list(widths), [[(repr(m), s) for m, s in parts] for parts in per_width]))
+
+
+def time_parts(widths: Sequence[int], per_width: Sequence[Sequence[Part]], timer: Timer, batch: int,
+               device: torch.device, dtype: torch.dtype) -> Curve:
+    """Time each width's modules together, each on a random input of its shape at ``batch``."""
+    seconds = []
+    for parts in per_width:
+        modules = [m.to(device, dtype).eval() for m, _ in parts]
+        inputs = [torch.randn(batch, *shape, device=device, dtype=dtype) for _, shape in parts]
         seconds.append(timer(_Bundle(modules, inputs), None) if modules else 0.0)
-    return Curve(widths, seconds)
+    return Curve(list(widths), seconds)
+
+
+def unit_curve(graph: ModelGraph, unit: Unit, timer: Timer, batch: int, device: torch.device,
+               dtype: torch.dtype, grid: Sequence[float] = GRID) -> Curve:
+    """Time the modules ``unit``'s width touches at each grid width (other units dense)."""
+    return time_parts(*unit_parts(graph, unit, grid), timer, batch, device, dtype)
 
 
 def _structure(graph: ModelGraph, units: Dict[str, Unit]) -> str:
@@ -205,8 +231,14 @@ def latency_table(model: nn.Module, graph: ModelGraph, units: Dict[str, Unit], e
     if table is not None:
         return table
     dense = timer(copy.deepcopy(model).to(device).eval(), example.to(device, dtype))
-    curves = {name: unit_curve(graph, unit, timer, example.shape[0], device, dtype, grid)
-              for name, unit in units.items()}
+    measured: Dict[str, Curve] = {}  # by signature: a stage's repeated blocks are timed once
+    curves = {}
+    for name, unit in units.items():
+        widths, per_width = unit_parts(graph, unit, grid)
+        signature = parts_signature(widths, per_width)
+        if signature not in measured:
+            measured[signature] = time_parts(widths, per_width, timer, example.shape[0], device, dtype)
+        curves[name] = Curve(list(measured[signature].widths), list(measured[signature].seconds))
     table = LatencyTable(key, dense, curves)
     _save(path, table)
     return table
