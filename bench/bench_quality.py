@@ -181,21 +181,29 @@ class Bench:
         if "rec" in recovery:
             reconstruct(self.base, model, masks, sample_loader(self.splits[1], BATCH, RECON_BATCHES, self.seed + 1000, 0))
         prune_s = time.perf_counter() - started
-        if base != "dense":
+        a, b, a_s = self.measure(model, recalibrate=base != "dense", distill="kd" in recovery)
+        a_s += prune_s
+        macs = count_flops(model, SIZE)[0]
+        return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
+                    seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), dense_top1=self.base_top1,
+                    top1_a=a, top1_b=b, epochs=self.epochs, prune_s=prune_s, a_s=a_s,
+                    total_s=time.perf_counter() - started, load_1min=os.getloadavg()[0])
+
+
+    def measure(self, model: nn.Module, recalibrate: bool = True, distill: bool = False) -> Tuple[float, float, float]:
+        """Top-1 after BN re-estimation (a) and after ``epochs`` of fine-tuning, distilled from the dense net if
+        ``distill`` (b, NaN for 0 epochs); and the seconds (a) took. ``model`` is fine-tuned in place."""
+        started = time.perf_counter()
+        if recalibrate:
             recal = make_loader(self.splits[1], BATCH, shuffle=True, seed=self.seed)
             recalibrate_batchnorm(model, recal, RECAL_BATCHES, DEVICE, progress=False)
         a = self.top1(model)
         a_s = time.perf_counter() - started
         b = float("nan")
         if self.epochs:
-            kd = "kd" in recovery
             b = fine_tune(model, self.name, self.splits, self.test, self.epochs, FINETUNE_LR, self.seed,
-                          teacher=self.base if kd else None, distill=self.distill if kd else None)
-        macs = count_flops(model, SIZE)[0]
-        return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
-                    seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), dense_top1=self.base_top1,
-                    top1_a=a, top1_b=b, epochs=self.epochs, prune_s=prune_s, a_s=a_s,
-                    total_s=time.perf_counter() - started, load_1min=os.getloadavg()[0])
+                          teacher=self.base if distill else None, distill=self.distill if distill else None)
+        return a, b, a_s
 
 
 def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import adaptation  # noqa: E402
 import bench_quality  # noqa: E402
+import bench_latency_quality  # noqa: E402
 from cdp_gfi import build_model  # noqa: E402
 from cdp_gfi.masks.variants import DEFAULTS  # noqa: E402
 from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
@@ -90,3 +91,12 @@ def test_a_variant_row_changes_the_default_by_its_options():
     assert kind == "cdp" and variant == want != DEFAULTS["cdp"]
     assert bench_quality.ours("gfi-ap{site=conv}") == ("gfi", dataclasses.replace(DEFAULTS["gfi"], site="conv"))
     assert bench_quality.parse_method("gfi-ap{site=conv}+rec") == ("gfi-ap{site=conv}", ("rec",))
+
+
+@pytest.mark.parametrize("flags, named", [(["--methods", "nni-l1"], "nni-l1"), (["--target", "1.5"], "--target")])
+def test_the_equal_latency_bench_refuses_bad_input_in_one_line(cifar_root, checkpoint, tmp_path, capsys, flags, named):
+    code = bench_latency_quality.main(["--dataroot", str(cifar_root), "--nets", f"resnet20={checkpoint}",
+                                       "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and named in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
