@@ -18,7 +18,10 @@ reconstruction sample and the fine-tuning order.
     python bench/bench_quality.py --epochs 0  # measure (a) only
     python bench/bench_quality.py --dataroot /data/cifar10 --adapt_epochs 0 --nets resnet56=ckpt/resnet56.pth
 
-Rows are appended to <out>/bench_quality.csv as they finish; --resume skips
+Each row also carries the CPU latency the slim network saves against the dense
+one at batch 1 and 128 (``latency_b*_pct``: 3 alternating rounds on the bench's
+threads, with the row's load). Rows are appended to
+<out>/bench_quality.csv as they finish; --resume skips
 the ones already there. The summary (mean and std over seeds, seed counts) goes
 to <out>/bench_quality_summary.csv and the plot to <out>/bench_quality.png.
 """
@@ -53,6 +56,8 @@ from cdp_gfi.data.samplers import make_loader, sample_loader  # noqa: E402
 from cdp_gfi.graph.scope import default_scope  # noqa: E402
 from cdp_gfi.graph.sites import read_points  # noqa: E402
 from cdp_gfi.graph.trace import ModelGraph, trace  # noqa: E402
+from cdp_gfi.latency.select import time_pair  # noqa: E402
+from cdp_gfi.latency.timing import BenchmarkTimer  # noqa: E402
 from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
 from cdp_gfi.slimming.reconstruct import reconstruct  # noqa: E402
@@ -72,6 +77,7 @@ STATS_BATCHES = 20
 RECAL_BATCHES = 20
 RECON_BATCHES = 4
 FINETUNE_LR = 0.01
+LATENCY_BATCHES = (1, BATCH)  # the latency column: slim against dense, timed alternately on the bench's threads
 
 
 OURS: Dict[str, Tuple[str, Variant]] = {
@@ -183,9 +189,12 @@ class Bench:
         prune_s = time.perf_counter() - started
         a, b, a_s = self.measure(model, recalibrate=base != "dense", distill="kd" in recovery)
         a_s += prune_s
+        latency = {f"latency_b{n}_pct": 0.0 if base == "dense" else latency_cut(self.base, model, n)
+                   for n in LATENCY_BATCHES}  # after measuring: its random inputs leave the rows' seeds alone
         macs = count_flops(model, SIZE)[0]
         return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
-                    seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), dense_top1=self.base_top1,
+                    seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), **latency,
+                    dense_top1=self.base_top1,
                     top1_a=a, top1_b=b, epochs=self.epochs, prune_s=prune_s, a_s=a_s,
                     total_s=time.perf_counter() - started, load_1min=os.getloadavg()[0])
 
@@ -204,6 +213,14 @@ class Bench:
             b = fine_tune(model, self.name, self.splits, self.test, self.epochs, FINETUNE_LR, self.seed,
                           teacher=self.base if distill else None, distill=self.distill if distill else None)
         return a, b, a_s
+
+
+def latency_cut(dense: nn.Module, slim_model: nn.Module, batch: int) -> float:
+    """Percent of the dense network's CPU latency the slim one saves at ``batch`` (median of 3 alternating rounds,
+    on the bench's threads: a loaded machine shows in the row's load column)."""
+    dense_s, slim_s = time_pair(dense.eval(), slim_model.eval(), torch.randn(batch, *SIZE),
+                                BenchmarkTimer(min_run_time=0.2))
+    return 100.0 * (1.0 - slim_s / dense_s)
 
 
 def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
@@ -233,7 +250,8 @@ def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean, std and seed count of both measures, per network, target and row (table order kept)."""
     grouped = rows.groupby(["net", "target_pct", "method"], sort=False)
-    out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"),
+    latency = {c: (c, "mean") for c in rows.columns if c.startswith("latency_")}
+    out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), **latency,
                       a_mean=("top1_a", "mean"), a_std=("top1_a", "std"), a_seeds=("top1_a", "count"),
                       b_mean=("top1_b", "mean"), b_std=("top1_b", "std"), b_seeds=("top1_b", "count"),
                       run_s=("total_s", "mean"), load_1min=("load_1min", "mean")).reset_index()
