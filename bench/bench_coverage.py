@@ -4,7 +4,8 @@ For each model (random weights, BatchNorm statistics randomised so a pruned
 channel's BN shift would show): trace, take the scope's units, remove 30% of
 conv+linear MACs with random scores, slim with NNI's ModelSpeedup, and
 compare. Columns: convs pruned / convs total, MACs before and after (counted
-through the masks and on the slim network), max |slim - masked| / max
+through the masks and on the slim network), the CPU latency saved at batch 1
+(float32, the bench's threads; noisy on a loaded machine), max |slim - masked| / max
 |masked| at the bench's input size (both run in float64: a deep random
 network amplifies float32 rounding, up to 36% on EfficientNetV2-RW-T's
 output, 1e-8 in float64), seconds, and the ops that pinned
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 from cdp_gfi.flops import count_flops, keep_vectors, macs_of
 from cdp_gfi.graph.trace import trace
+from cdp_gfi.latency.report import compare_latency
 from cdp_gfi.masks.select import apply_masks, select, to_nni_masks
 from cdp_gfi.models import build_model
 from cdp_gfi.graph.scope import SCOPES, prunable_units, unit_convs
@@ -110,7 +112,9 @@ def ours(name: str, scope: str, size: int, target: float) -> Dict:
     masked_model = apply_masks(copy.deepcopy(model), masks, graph)
     counted = macs_of(graph, keep_vectors(masks))  # what count_flops(masks=...) returns, without a second trace
     slim_size = min(size, max(SLIM_DUMMY_SIZE, MIN_SIZE.get(name, 0)))
+    dense = copy.deepcopy(model)
     slim(model, masks, torch.randn(1, 3, slim_size, slim_size), graph=graph)  # the graph: channels only
+    latency = latency_cut(dense, model, size)
     with torch.no_grad():  # compared in float64: random deep nets amplify float32 rounding to percents
         out = model.double()(x.double())
         masked = masked_model.double()(x.double())
@@ -120,7 +124,7 @@ def ours(name: str, scope: str, size: int, target: float) -> Dict:
             "macs_after_M": round(macs1 / 1e6, 2), "reduction_%": round(100 * (1 - macs1 / macs0), 1),
             "masks_count_equals_slim": counted == macs1,
             "max_rel_diff": float((out - masked).abs().max() / masked.abs().max()),
-            "seconds": round(time.perf_counter() - started, 1)}
+            "latency_reduction_%": latency, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def api(name: str, method: str, size: int, target: float) -> Dict:
@@ -170,6 +174,7 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
             if macs1 <= (1 - target) * macs0:
                 break
         now = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        row["latency_reduction_%"] = latency_cut(_model(name), model, size)
         with torch.no_grad():
             model(x)
         row.update(convs_pruned=sum(1 for n in convs if now.get(n, 0) < widths[n]),
@@ -182,6 +187,12 @@ def torch_pruning(name: str, size: int, target: float) -> Dict:
         row.update(convs_pruned=0, note=f"{type(err).__name__} in {where}: {str(err)[:100]}")
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
+
+
+def latency_cut(dense: nn.Module, slim_model: nn.Module, size: int) -> float:
+    """Percent of the dense network's CPU latency at batch 1 the slim one saves, as run summaries report it."""
+    cut = compare_latency(dense, slim_model, (3, size, size), "cpu", (1,), min_run_time=0.1)
+    return round(cut["latency_reduction_pct_b1"], 1)
 
 
 class RowTimeout(Exception):

@@ -19,8 +19,8 @@ reconstruction sample and the fine-tuning order.
     python bench/bench_quality.py --dataroot /data/cifar10 --adapt_epochs 0 --nets resnet56=ckpt/resnet56.pth
 
 Each row also carries the CPU latency the slim network saves against the dense
-one at batch 1 and 128 (``latency_b*_pct``: 3 alternating rounds on the bench's
-threads, with the row's load). Rows are appended to
+one at batch 1 and 128 (``latency_b*_pct``, ``compare_latency`` as run summaries
+report it, on the bench's threads; the row's load says how busy the machine was). Rows are appended to
 <out>/bench_quality.csv as they finish; --resume skips
 the ones already there. The summary (mean and std over seeds, seed counts) goes
 to <out>/bench_quality_summary.csv and the plot to <out>/bench_quality.png.
@@ -56,8 +56,7 @@ from cdp_gfi.data.samplers import make_loader, sample_loader  # noqa: E402
 from cdp_gfi.graph.scope import default_scope  # noqa: E402
 from cdp_gfi.graph.sites import read_points  # noqa: E402
 from cdp_gfi.graph.trace import ModelGraph, trace  # noqa: E402
-from cdp_gfi.latency.select import time_pair  # noqa: E402
-from cdp_gfi.latency.timing import BenchmarkTimer  # noqa: E402
+from cdp_gfi.latency.report import compare_latency  # noqa: E402
 from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
 from cdp_gfi.slimming.reconstruct import reconstruct  # noqa: E402
@@ -77,7 +76,7 @@ STATS_BATCHES = 20
 RECAL_BATCHES = 20
 RECON_BATCHES = 4
 FINETUNE_LR = 0.01
-LATENCY_BATCHES = (1, BATCH)  # the latency column: slim against dense, timed alternately on the bench's threads
+LATENCY_BATCHES = (1, BATCH)  # the latency column (``compare_latency`` on the bench's threads)
 
 
 OURS: Dict[str, Tuple[str, Variant]] = {
@@ -189,8 +188,10 @@ class Bench:
         prune_s = time.perf_counter() - started
         a, b, a_s = self.measure(model, recalibrate=base != "dense", distill="kd" in recovery)
         a_s += prune_s
-        latency = {f"latency_b{n}_pct": 0.0 if base == "dense" else latency_cut(self.base, model, n)
-                   for n in LATENCY_BATCHES}  # after measuring: its random inputs leave the rows' seeds alone
+        latency = {f"latency_b{n}_pct": 0.0 for n in LATENCY_BATCHES}
+        if base != "dense":  # after measuring: its random inputs leave the rows' seeds alone
+            cut = compare_latency(self.base, model, SIZE, "cpu", LATENCY_BATCHES, min_run_time=0.2)
+            latency = {f"latency_b{n}_pct": cut[f"latency_reduction_pct_b{n}"] for n in LATENCY_BATCHES}
         macs = count_flops(model, SIZE)[0]
         return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
                     seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), **latency,
@@ -213,14 +214,6 @@ class Bench:
             b = fine_tune(model, self.name, self.splits, self.test, self.epochs, FINETUNE_LR, self.seed,
                           teacher=self.base if distill else None, distill=self.distill if distill else None)
         return a, b, a_s
-
-
-def latency_cut(dense: nn.Module, slim_model: nn.Module, batch: int) -> float:
-    """Percent of the dense network's CPU latency the slim one saves at ``batch`` (median of 3 alternating rounds,
-    on the bench's threads: a loaded machine shows in the row's load column)."""
-    dense_s, slim_s = time_pair(dense.eval(), slim_model.eval(), torch.randn(batch, *SIZE),
-                                BenchmarkTimer(min_run_time=0.2))
-    return 100.0 * (1.0 - slim_s / dense_s)
 
 
 def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
