@@ -200,7 +200,7 @@ class _StatisticsPruner(Pruner):
             dummy_input=self.dummy_input, device=self.latency_device, batch=self.latency_batch,
             timer=self.latency_timer, max_layer_sparsity=cap, round_to=self.round_to,
             normalization=self.variant.normalize, cost_power=self.variant.cost_power,
-            convention=self.flops_convention)
+            convention=self.flops_convention, rule=self.variant.rule)
         return self.latency.keep
 
     def compress(self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None):

@@ -91,6 +91,27 @@ def test_flat_curve_jumps_to_the_next_grid_width():
     assert removal_path(curves, {"a": np.ones(4)}, {"a": 2}) == []  # the cap keeps 2: nothing to gain
 
 
+def test_gfi_aps_adaptive_cap_holds_a_unit_until_enough_is_removed_elsewhere():
+    curves = {"a": Curve([1, 4], [1.0, 4.0]), "b": Curve([1, 4], [1.0, 4.0])}
+    costs, floors = {"a": np.full(4, 0.01), "b": np.ones(4)}, {"a": 1, "b": 1}
+    assert [u for u, _, _ in removal_path(curves, costs, floors)] == ["a", "a", "a", "b", "b", "b"]
+    # a's third group would be 3 of 4 lost at p = 3/8 (cap (1 + p) / 2 = 2.75 groups): it waits for b's first
+    capped = removal_path(curves, costs, floors, adaptive_cap=True)
+    assert [u for u, _, _ in capped] == ["a", "a", "b", "a", "b", "b"]
+
+
+def test_a_gfi_ap_latency_target_keeps_the_adaptive_cap(tmp_path):
+    widths = {"features.0.0": 16, "features.1.0": 32, "features.2.0": 32, "features.3.0": 16}
+    cheap = {c: torch.full((n,), 1e-3 if c == "features.0.0" else 1.0) for c, n in widths.items()}  # one cheap unit
+    free = run(tmp_path, FakeTimer(k3=4.0), 0.3, cheap, tolerance=0.05).keep  # the global rule: no cap
+    capped = run(tmp_path, FakeTimer(k3=4.0), 0.3, cheap, rule="adaptive", tolerance=0.05).keep
+    removed = sum(int((~capped[c]).sum()) for c in widths) / sum(widths.values())
+    assert all(int((~capped[c]).sum()) <= (1 + removed) / 2 * n for c, n in widths.items())
+    assert int(free["features.0.0"].sum()) < int(capped["features.0.0"].sum())
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        run(tmp_path, FakeTimer(), 0.3, rule="greedy")
+
+
 def test_selection_meets_the_budget(tmp_path):
     timer = FakeTimer(k3=4.0)
     result = run(tmp_path, timer, 0.3)

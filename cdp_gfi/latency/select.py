@@ -21,7 +21,7 @@ from torch import nn
 
 from ..graph.groups import Unit
 from ..graph.trace import ModelGraph
-from ..masks.select import (Keep, Scores, _keep_each_conv, check_fraction, expand_units, ranked_unit_scores,
+from ..masks.select import (RULES, Keep, Scores, _keep_each_conv, check_fraction, expand_units, ranked_unit_scores,
                             round_up, to_nni_masks)
 from ..slimming.speedup import slim
 from .table import Curve, LatencyTable, latency_table
@@ -54,12 +54,27 @@ class LatencyResult:
     round_to: int = 1  # the channel multiple kept (``round_to``, or the device's: ``timing.hardware_multiple``)
 
 
-def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors: Dict[str, int]) -> List[Move]:
-    """The greedy's moves, cheapest score lost per second saved first; ``costs[u]`` in removal order."""
+def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors: Dict[str, int],
+                 adaptive_cap: bool = False) -> List[Move]:
+    """The greedy's moves, cheapest score lost per second saved first; ``costs[u]`` in removal order.
+
+    ``adaptive_cap``: GFI-AP's per-layer cap, as its MACs selection applies it: no unit loses more than
+    (1 + p) / 2 of its groups, p being the fraction of all groups removed after the move (the cap loosens
+    as the path goes on, so a move it blocks may come later)."""
     values = {u: np.interp(np.arange(len(c) + 1), curves[u].widths, curves[u].seconds) for u, c in costs.items()}
     prefix = {u: np.concatenate([[0.0], np.cumsum(c)]) for u, c in costs.items()}
     kept = {u: len(c) for u, c in costs.items()}
     order = {u: i for i, u in enumerate(costs)}
+    total = sum(kept.values())
+
+    def allowed(u: str, k2: int) -> bool:
+        if k2 < floors[u]:
+            return False
+        if not adaptive_cap:
+            return True
+        n = len(costs[u])
+        removed = total - sum(kept.values()) + kept[u] - k2
+        return n - k2 <= math.floor((1.0 + removed / total) / 2.0 * n + 1e-9)
 
     def best_move(u: str):
         k, n = kept[u], len(costs[u])
@@ -67,7 +82,7 @@ def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors:
         moves = []
         for k2 in options:
             gain = values[u][k] - values[u][k2]
-            if k2 >= floors[u] and gain > 0:
+            if allowed(u, k2) and gain > 0:
                 ratio = float(f"{(prefix[u][n - k2] - prefix[u][n - k]) / gain:.12g}")  # equal up to rounding
                 moves.append((ratio, order[u], -k2, gain))  # ties: the earlier unit, the smaller step
         return min(moves) if moves else None
@@ -81,7 +96,8 @@ def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors:
         saved += gain
         kept[u] = k2
         path.append((u, k2, saved))
-        candidates[u] = best_move(u)
+        for v in (costs if adaptive_cap else (u,)):  # the cap moved: every unit's best move may have changed
+            candidates[v] = best_move(v)
     return path
 
 
@@ -126,14 +142,19 @@ def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, ti
 
 def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
                    max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
-                   cost_power: float, convention: str, graph: ModelGraph) -> Tuple[Callable[[float], Keep], float]:
-    """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches."""
+                   cost_power: float, convention: str, graph: ModelGraph, rule: str = "global"
+                   ) -> Tuple[Callable[[float], Keep], float]:
+    """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches.
+    ``rule`` ``adaptive`` or ``threshold`` without ``max_layer_sparsity`` caps units as GFI-AP does."""
     sizes = {name: s.numel() for name, s in scores.items()}
     u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
     orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
     floor = min(float(s.min()) for s in u_scores.values())
     costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
-    path = removal_path(table.curves, costs, _floors(units, max_layer_sparsity))
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {RULES}")
+    path = removal_path(table.curves, costs, _floors(units, max_layer_sparsity),
+                        adaptive_cap=rule != "global" and max_layer_sparsity is None)
     n_groups = {u: len(unit.groups) for u, unit in units.items()}
 
     def pick(predicted: float) -> Keep:
@@ -156,14 +177,16 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                        cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
                        normalization: str = "none", cost_power: float = 0.0, convention: str = "conv-linear",
                        tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3,
-                       slim_input: Optional[torch.Tensor] = None) -> LatencyResult:
+                       slim_input: Optional[torch.Tensor] = None, rule: str = "global") -> LatencyResult:
     """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
     at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
 
     ``scores`` are per conv of ``units``; the table is measured once per key and cached in ``cache_dir``.
     Each try times the dense and the slim network ``rounds`` times in alternation (the median ratio counts).
     Kept channels are a multiple of ``round_to``, by default the device's (``timing.hardware_multiple``: 8 on CUDA,
-    1 on the CPU). ``slim_input`` (default ``dummy_input``) is what NNI slims each try with: a smaller one
+    1 on the CPU). ``rule`` (``masks.select.RULES``): ``adaptive`` and ``threshold`` without a cap keep GFI-AP's
+    per-layer cap (1 + p) / 2 (``removal_path``); within a unit the order is the criterion's either way.
+    ``slim_input`` (default ``dummy_input``) is what NNI slims each try with: a smaller one
     (64x64 for nets that pool adaptively) keeps its memory and time down (ResNet-50 at 224x224 took 18 GB).
     """
     check_fraction(reduction, "latency_reduction")
@@ -179,7 +202,8 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
     pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity,
-                                     round_to if round_to > 1 else None, normalization, cost_power, convention, graph)
+                                     round_to if round_to > 1 else None, normalization, cost_power, convention, graph,
+                                     rule)
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction
