@@ -63,7 +63,7 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
     found = select_for_latency(scores, tie, reduction=target, model=bench.base, graph=bench.graph, units=units,
                                dummy_input=torch.zeros(1, *SIZE), device="cpu", batch=batch, timer=timer,
                                cache_dir=cache_dir, max_layer_sparsity=variant.max_layer_sparsity,
-                               normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule)
+                               normalization=variant.normalize, rule=variant.rule)
     wanted = found.measured
     example = torch.randn(batch, *SIZE)
     macs_of_latency = 1.0 - count_flops(slim_of(bench, found.keep), SIZE)[0] / bench.dense_macs

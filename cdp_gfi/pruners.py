@@ -199,8 +199,7 @@ class _StatisticsPruner(Pruner):
             scores, tiebreak, reduction=self.latency_reduction, model=model, graph=self.graph, units=units,
             dummy_input=self.dummy_input, device=self.latency_device, batch=self.latency_batch,
             timer=self.latency_timer, max_layer_sparsity=cap, round_to=self.round_to,
-            normalization=self.variant.normalize, cost_power=self.variant.cost_power,
-            convention=self.flops_convention, rule=self.variant.rule)
+            normalization=self.variant.normalize, rule=self.variant.rule)
         return self.latency.keep
 
     def compress(self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None):

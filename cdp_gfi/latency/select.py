@@ -142,12 +142,14 @@ def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, ti
 
 def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
                    max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
-                   cost_power: float, convention: str, graph: ModelGraph, rule: str = "global"
-                   ) -> Tuple[Callable[[float], Keep], float]:
+                   graph: ModelGraph, rule: str = "global") -> Tuple[Callable[[float], Keep], float]:
     """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches.
-    ``rule`` ``adaptive`` or ``threshold`` without ``max_layer_sparsity`` caps units as GFI-AP does."""
+
+    Scores are normalised as the global ranking normalises them, but not weighted by MACs: the greedy's measured
+    seconds are the cost (a MACs weight as well would count a filter's cost twice). ``rule`` ``adaptive`` or
+    ``threshold`` without ``max_layer_sparsity`` caps units as GFI-AP does."""
     sizes = {name: s.numel() for name, s in scores.items()}
-    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization)
     orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
     floor = min(float(s.min()) for s in u_scores.values())
     costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
@@ -175,8 +177,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                        model: nn.Module, graph: ModelGraph, units: Dict[str, Unit], dummy_input: torch.Tensor,
                        device: Optional[str] = None, batch: int = 1, timer: Optional[Timer] = None,
                        cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
-                       normalization: str = "none", cost_power: float = 0.0, convention: str = "conv-linear",
-                       tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3,
+                       normalization: str = "none", tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3,
                        slim_input: Optional[torch.Tensor] = None, rule: str = "global") -> LatencyResult:
     """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
     at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
@@ -202,8 +203,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
     pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity,
-                                     round_to if round_to > 1 else None, normalization, cost_power, convention, graph,
-                                     rule)
+                                     round_to if round_to > 1 else None, normalization, graph, rule)
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction

@@ -209,7 +209,6 @@ def _select_for_latency(config: PruneConfig, model: nn.Module, scores, tiebreak,
                                 units=units, dummy_input=dummy_input, device=str(on), batch=config.latency_batch,
                                 timer=latency_timer(config), max_layer_sparsity=config.max_layer_sparsity,
                                 round_to=config.round_to, normalization=config.normalize,
-                                cost_power=config.cost_power, convention=config.flops_convention,
                                 slim_input=dummy_input[..., :SLIM_DUMMY_SIZE, :SLIM_DUMMY_SIZE], rule=config.rule)
     print(f"latency: {result.measured:.1%} measured reduction at batch {config.latency_batch} on {on} "
           f"(target {config.latency_reduction:.1%}, {len(result.tries)} tries, widths multiples of {result.round_to}, "
