@@ -69,10 +69,19 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
     macs_of_latency = 1.0 - count_flops(slim_of(bench, found.keep), SIZE)[0] / bench.dense_macs
     tries: List[Tuple[float, float, Keep]] = []
     ask = macs_of_latency
+
+    def by_macs(ask: float) -> Keep:  # GFI-AP's rule moves MACs in steps: the nearest reachable target near ``ask``
+        for nudge in (0.0, -0.01, 0.01, -0.02, 0.02):
+            try:
+                return select(kind, scores, tie, flops_reduction=ask + nudge, graph=bench.graph, units=units,
+                              normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
+                              max_layer_sparsity=variant.max_layer_sparsity)[0]
+            except ValueError:
+                continue
+        raise ValueError(f"{method}: no MACs target within 2 points of {ask:.2%} is reachable")
+
     for _ in range(6):
-        keep, _ = select(kind, scores, tie, flops_reduction=ask, graph=bench.graph, units=units,
-                         normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
-                         max_layer_sparsity=variant.max_layer_sparsity)
+        keep = by_macs(ask)
         dense_s, slim_s = time_pair(bench.base, slim_of(bench, keep), example, timer)
         tries.append((ask, 1.0 - slim_s / dense_s, keep))
         if abs(tries[-1][1] - wanted) <= tolerance:
