@@ -91,6 +91,12 @@ def test_flat_curve_jumps_to_the_next_grid_width():
     assert removal_path(curves, {"a": np.ones(4)}, {"a": 2}) == []  # the cap keeps 2: nothing to gain
 
 
+def test_a_steeper_stretch_further_down_does_not_make_the_greedy_jump():
+    curves = {"a": Curve([1, 2, 4], [0.0, 3.0, 4.0])}  # one group saves 0.5 s from 4 to 2, then 3 s
+    path = removal_path(curves, {"a": np.ones(4)}, {"a": 1})
+    assert [(u, k) for u, k, _ in path] == [("a", 3), ("a", 2), ("a", 1)]
+
+
 def test_gfi_aps_adaptive_cap_holds_a_unit_until_enough_is_removed_elsewhere():
     curves = {"a": Curve([1, 4], [1.0, 4.0]), "b": Curve([1, 4], [1.0, 4.0])}
     costs, floors = {"a": np.full(4, 0.01), "b": np.ones(4)}, {"a": 1, "b": 1}

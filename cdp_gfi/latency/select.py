@@ -2,7 +2,7 @@
 
 A greedy over units: each step removes a unit's lowest-scored groups down to
 its next width (one group, or the next grid width when the curve is flat
-until there), choosing the move with the least score lost per second the
+until there; never further, so a noisy curve cannot make it overshoot), choosing the move with the least score lost per second the
 latency table says it saves. Within a unit the criterion's order is kept.
 The slim network is then timed end to end and the reduction asked of the
 table corrected (between the nearest tries on either side) until the
@@ -76,16 +76,22 @@ def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors:
         removed = total - sum(kept.values()) + kept[u] - k2
         return n - k2 <= math.floor((1.0 + removed / total) / 2.0 * n + 1e-9)
 
+    def next_width(u: str, k: int) -> int:
+        """One group less, or, where that saves nothing (a flat stretch), the next grid width below that does:
+        never a jump past a width that already saves time (noisy curves made jumps overshoot)."""
+        if k < 1 or values[u][k] - values[u][k - 1] > 0:
+            return k - 1
+        lower = [w for w in curves[u].widths if w < k and values[u][k] - values[u][w] > 0]
+        return max(lower) if lower else k - 1
+
     def best_move(u: str):
         k, n = kept[u], len(costs[u])
-        options = {k - 1} | {w for w in curves[u].widths if w < k}
-        moves = []
-        for k2 in options:
-            gain = values[u][k] - values[u][k2]
-            if allowed(u, k2) and gain > 0:
-                ratio = float(f"{(prefix[u][n - k2] - prefix[u][n - k]) / gain:.12g}")  # equal up to rounding
-                moves.append((ratio, order[u], -k2, gain))  # ties: the earlier unit, the smaller step
-        return min(moves) if moves else None
+        k2 = next_width(u, k)
+        gain = values[u][k] - values[u][k2] if k2 >= 0 else 0.0
+        if not (gain > 0 and allowed(u, k2)):
+            return None
+        ratio = float(f"{(prefix[u][n - k2] - prefix[u][n - k]) / gain:.12g}")  # equal up to rounding
+        return ratio, order[u], -k2, gain  # ties: the earlier unit
 
     candidates = {u: best_move(u) for u in costs}
     path, saved = [], 0.0
