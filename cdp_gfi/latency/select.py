@@ -2,8 +2,9 @@
 
 A greedy over units: each step removes a unit's lowest-scored groups down to
 its next width (one group, or the next grid width when the curve is flat
-until there; never further, so a noisy curve cannot make it overshoot), choosing the move with the least score lost per second the
-latency table says it saves. Within a unit the criterion's order is kept.
+until there; never further, so a noisy curve cannot make it overshoot),
+choosing the move with the least score lost per second the latency table
+says it saves. Within a unit the criterion's order is kept.
 The slim network is then timed end to end and the reduction asked of the
 table corrected (between the nearest tries on either side) until the
 measured one is within ``tolerance`` of the one wanted.
@@ -65,16 +66,15 @@ def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors:
     prefix = {u: np.concatenate([[0.0], np.cumsum(c)]) for u, c in costs.items()}
     kept = {u: len(c) for u, c in costs.items()}
     order = {u: i for i, u in enumerate(costs)}
-    total = sum(kept.values())
+    total, removed = sum(kept.values()), 0
 
     def allowed(u: str, k2: int) -> bool:
         if k2 < floors[u]:
             return False
         if not adaptive_cap:
             return True
-        n = len(costs[u])
-        removed = total - sum(kept.values()) + kept[u] - k2
-        return n - k2 <= math.floor((1.0 + removed / total) / 2.0 * n + 1e-9)
+        n, p = len(costs[u]), (removed + kept[u] - k2) / total
+        return n - k2 <= math.floor((1.0 + p) / 2.0 * n + 1e-9)
 
     def next_width(u: str, k: int) -> int:
         """One group less, or, where that saves nothing (a flat stretch), the next grid width below that does:
@@ -100,6 +100,7 @@ def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors:
         _, _, neg_k2, gain = candidates[u]
         k2 = -neg_k2
         saved += gain
+        removed += kept[u] - k2
         kept[u] = k2
         path.append((u, k2, saved))
         for v in (costs if adaptive_cap else (u,)):  # the cap moved: every unit's best move may have changed
