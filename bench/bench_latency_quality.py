@@ -12,7 +12,7 @@ BatchNorm re-estimation (a) and after ``--epochs`` of fine-tuning (b), with
 ``bench_quality.py``'s recipe. Rows go to ``<out>/bench_latency_quality.csv``
 as they finish (``--resume`` keeps them), one line at the end.
 
-    python bench/bench_latency_quality.py --dataroot /work/data/cifar10-jpeg --nets resnet20=PATH
+    python bench/bench_latency_quality.py --dataroot /data/cifar10 --nets resnet20=PATH
     python bench/bench_latency_quality.py --epochs 0 --seeds 1   # (a) only, one seed
 """
 from __future__ import annotations
