@@ -167,8 +167,8 @@ def test_units_of_equal_modules_and_shapes_are_timed_once(tmp_path):
     units = prunable_units(graph, "internal")
     timer = FakeTimer()
     table = latency_table(model, graph, units, dummy, timer, torch.device("cpu"), tmp_path)
-    alone = {u: table_module.unit_curve(graph, unit, FakeTimer(), 1, torch.device("cpu"), torch.float32)
-             for u, unit in units.items()}
+    alone = {u: table_module.time_parts(*table_module.unit_parts(graph, unit), FakeTimer(), 1, torch.device("cpu"),
+                                        torch.float32) for u, unit in units.items()}
     assert table.curves == alone  # sharing changes no curve
     assert table.curves["features.1.0"] == table.curves["features.2.0"]
     widths = {u: len(c.widths) for u, c in alone.items()}

@@ -149,14 +149,14 @@ def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, ti
 
 def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
                    max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
-                   graph: ModelGraph, rule: str = "global") -> Tuple[Callable[[float], Keep], float]:
+                   rule: str = "global") -> Tuple[Callable[[float], Keep], float]:
     """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches.
 
     Scores are normalised as the global ranking normalises them, but not weighted by MACs: the greedy's measured
     seconds are the cost (a MACs weight as well would count a filter's cost twice). ``rule`` ``adaptive`` or
     ``threshold`` without ``max_layer_sparsity`` caps units as GFI-AP does."""
     sizes = {name: s.numel() for name, s in scores.items()}
-    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization)
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, normalization=normalization)
     orders = {u: _removal_order(u_scores[u], u_tie[u] if u_tie else None) for u in units}
     floor = min(float(s.min()) for s in u_scores.values())
     costs = {u: np.array([float(u_scores[u][i]) - min(floor, 0.0) for i in orders[u]]) for u in units}
@@ -210,7 +210,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
     pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity,
-                                     round_to if round_to > 1 else None, normalization, graph, rule)
+                                     round_to if round_to > 1 else None, normalization, rule)
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction

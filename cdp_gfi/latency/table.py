@@ -166,12 +166,6 @@ def time_parts(widths: Sequence[int], per_width: Sequence[Sequence[Part]], timer
     return Curve(list(widths), seconds)
 
 
-def unit_curve(graph: ModelGraph, unit: Unit, timer: Timer, batch: int, device: torch.device,
-               dtype: torch.dtype, grid: Sequence[float] = GRID) -> Curve:
-    """Time the modules ``unit``'s width touches at each grid width (other units dense)."""
-    return time_parts(*unit_parts(graph, unit, grid), timer, batch, device, dtype)
-
-
 def _structure(graph: ModelGraph, units: Dict[str, Unit]) -> str:
     """A digest of what the table depends on in the network: costed calls with their shapes, and the units."""
     calls = [(str(n.target), type(graph.module_of(n)).__name__, list(graph.shape(n)), repr(graph.module_of(n)))
