@@ -23,7 +23,7 @@ import statistics as st
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -40,7 +40,8 @@ from cdp_gfi import count_flops, select, to_nni_masks  # noqa: E402
 from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
 from cdp_gfi.data.samplers import make_loader  # noqa: E402
 from cdp_gfi.graph.scope import prunable_units  # noqa: E402
-from cdp_gfi.latency.select import select_for_latency, time_pair  # noqa: E402
+from bench_latency import side_by_side  # noqa: E402
+from cdp_gfi.latency.select import Try, next_ask, select_for_latency, time_pair  # noqa: E402
 from cdp_gfi.latency.timing import BenchmarkTimer  # noqa: E402
 from cdp_gfi.masks.select import Keep  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
@@ -74,7 +75,7 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
     wanted = found.measured
     example = torch.randn(batch, *SIZE)
     macs_of_latency = 1.0 - count_flops(slim_of(bench, found.keep), SIZE)[0] / bench.dense_macs
-    tries: List[Tuple[float, float, Keep]] = []
+    tries: List[Try] = []
     ask = macs_of_latency
 
     def by_macs(ask: float) -> Keep:  # GFI-AP's rule moves MACs in steps: the nearest reachable target near ``ask``
@@ -90,28 +91,18 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
     for _ in range(6):
         keep = by_macs(ask)
         dense_s, slim_s = time_pair(bench.base, slim_of(bench, keep), example, timer)
-        tries.append((ask, 1.0 - slim_s / dense_s, keep))
-        if abs(tries[-1][1] - wanted) <= tolerance:
+        tries.append(Try(ask, 1.0 - slim_s / dense_s, keep, dense_s, slim_s))
+        if abs(tries[-1].measured - wanted) <= tolerance:
             break
-        below = [t for t in tries if t[1] < wanted]
-        above = [t for t in tries if t[1] > wanted]
-        if below and above:
-            lo, hi = max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])
-            ask = lo[0] + (wanted - lo[1]) / (hi[1] - lo[1]) * (hi[0] - lo[0])
-        else:
-            ask = min(max(ask + (wanted - tries[-1][1]), 0.01), 0.95)
-    best = min(tries, key=lambda t: abs(t[1] - wanted))
-    return {"keeps": {KINDS[0]: found.keep, KINDS[1]: best[2]}, "selection_pct": 100 * wanted,
-            "macs_match_pct": 100 * best[1], "macs_tries": len(tries), "latency_tries": len(found.tries)}
+        ask = min(max(next_ask(tries, wanted), 0.01), 0.95)  # the selection's own correction, over MACs targets
+    best = min(tries, key=lambda t: abs(t.measured - wanted))
+    return {"keeps": {KINDS[0]: found.keep, KINDS[1]: best.keep}, "selection_pct": 100 * wanted,
+            "macs_match_pct": 100 * best.measured, "macs_tries": len(tries), "latency_tries": len(found.tries)}
 
 
-def side_by_side(nets: Dict[str, nn.Module], batch: int, timer: BenchmarkTimer, runs: int) -> Dict[str, List[float]]:
-    """Latency reduction against the dense network timed beside it, per round; the networks alternate."""
-    x = torch.randn(batch, *SIZE)
-    seconds: Dict[str, List[float]] = {label: [] for label in nets}
-    for _ in range(runs):
-        for label, net in nets.items():
-            seconds[label].append(timer(net.eval(), x))
+def reductions(nets: Dict[str, nn.Module], batch: int, timer: BenchmarkTimer, runs: int) -> Dict[str, List[float]]:
+    """Percent latency saved against the dense network timed beside it, per round (``bench_latency.side_by_side``)."""
+    seconds = side_by_side(nets, torch.randn(batch, *SIZE), timer, runs)
     return {label: [100 * (1 - s / d) for s, d in zip(seconds[label], seconds["dense"])]
             for label in nets if label != "dense"}
 
@@ -169,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pair = equal_latency_pair(bench, method, args.target, args.latency_batch, timer, args.tolerance,
                                   args.out / "latency_cache")
         slims = {kind: slim_of(bench, keep) for kind, keep in pair["keeps"].items()}
-        timed = {b: side_by_side({"dense": bench.base, **slims}, b, timer, args.runs)
+        timed = {b: reductions({"dense": bench.base, **slims}, b, timer, args.runs)
                  for b in sorted({1, args.latency_batch})}
         new = []
         for kind, model in slims.items():

@@ -225,7 +225,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
             break
         if asked >= reachable and tries[-1].measured < reduction:
             break
-        asked = _next_ask(tries, reduction)
+        asked = next_ask(tries, reduction)
     best = min(tries, key=lambda t: abs(t.measured - reduction))
     if abs(best.measured - reduction) > tolerance:
         if tries[-1].asked < reachable:
@@ -239,7 +239,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                          table, round_to)
 
 
-def _next_ask(tries: List[Try], wanted: float) -> float:
+def next_ask(tries: List[Try], wanted: float) -> float:
     """The next reduction to ask the table for: between the tries measured nearest below and above ``wanted``
     (regula falsi, kept off the ends), else (one side only, or noise broke the order) shifted by the last miss."""
     below = [t for t in tries if t.measured < wanted]
