@@ -40,7 +40,7 @@ import competitors  # noqa: E402
 from cdp_gfi import build_model, count_flops, select, to_nni_masks  # noqa: E402
 from cdp_gfi.graph.scope import prunable_units, unit_convs  # noqa: E402
 from cdp_gfi.graph.trace import trace  # noqa: E402
-from cdp_gfi.latency.select import select_for_latency  # noqa: E402
+from cdp_gfi.latency.select import ORDERS, select_for_latency  # noqa: E402
 from cdp_gfi.latency.table import latency_table  # noqa: E402
 from cdp_gfi.latency.timing import BenchmarkTimer, device_name, resolve_device  # noqa: E402
 
@@ -55,7 +55,7 @@ def load() -> str:
 
 
 def slim_networks(name: str, size: int, batch: int, target: float, device: torch.device, timer: BenchmarkTimer,
-                  cache_dir: Path, tolerance: float) -> Dict[str, object]:
+                  cache_dir: Path, tolerance: float, order: str = "auto") -> Dict[str, object]:
     """The dense network, the three slim ones and how the latency-targeted one was found (table times, tries)."""
     torch.manual_seed(0)
     dense = build_model(name, "imagenet").eval()
@@ -72,7 +72,7 @@ def slim_networks(name: str, size: int, batch: int, target: float, device: torch
     reused = time.perf_counter() - started
     result = select_for_latency(scores, reduction=target, model=dense, graph=graph, units=units, dummy_input=dummy,
                                 device=str(device), batch=batch, timer=timer, cache_dir=cache_dir,
-                                tolerance=tolerance, slim_input=torch.zeros(1, 3, SLIM, SLIM))
+                                tolerance=tolerance, slim_input=torch.zeros(1, 3, SLIM, SLIM), order=order)
     shape = (3, size, size)
     macs = count_flops(dense, shape)[0]
     ours = competitors.slimmed(dense, to_nni_masks(dense, result.keep), (3, SLIM, SLIM))
@@ -84,7 +84,7 @@ def slim_networks(name: str, size: int, batch: int, target: float, device: torch
     return {"nets": {"dense": dense, NETWORKS[0]: ours, NETWORKS[1]: by_macs, NETWORKS[2]: theirs.eval()},
             "table_build_s": float("nan") if table.reused else built,  # already in --cache_dir: not built here
             "table_reuse_s": reused if again.reused else float("nan"), "tries": len(result.tries),
-            "selection_measured_pct": 100.0 * result.measured, "round_to": result.round_to}
+            "selection_measured_pct": 100.0 * result.measured, "round_to": result.round_to, "order": result.order}
 
 
 def side_by_side(nets: Dict[str, nn.Module], x: torch.Tensor, timer: BenchmarkTimer, runs: int
@@ -143,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--input", type=int, default=224, help="input height = width (default 224)")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     parser.add_argument("--target", type=float, default=0.4, help="latency_reduction asked (default 0.4)")
+    parser.add_argument("--latency_order", choices=ORDERS, default="auto",
+                        help="the latency target's order (select_for_latency; default auto)")
     parser.add_argument("--runs", type=int, default=5, help="side-by-side timing rounds (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -165,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, batch in tqdm(jobs, desc="latency"):
         try:
-            found = slim_networks(name, args.input, batch, args.target, device, timer, cache, args.tolerance)
+            found = slim_networks(name, args.input, batch, args.target, device, timer, cache, args.tolerance,
+                                  args.latency_order)
         except ValueError as err:  # a target the correction could not settle on this machine: a row saying so
             rows.append(dict(model=name, input=args.input, batch=batch, note=str(err)[:200]))
             continue

@@ -41,7 +41,7 @@ from cdp_gfi.data.datasets import cifar_datasets  # noqa: E402
 from cdp_gfi.data.samplers import make_loader  # noqa: E402
 from cdp_gfi.graph.scope import prunable_units  # noqa: E402
 from bench_latency import side_by_side  # noqa: E402
-from cdp_gfi.latency.select import Try, next_ask, select_for_latency, time_pair  # noqa: E402
+from cdp_gfi.latency.select import ORDERS, Try, next_ask, select_for_latency, time_pair  # noqa: E402
 from cdp_gfi.latency.timing import BenchmarkTimer  # noqa: E402
 from cdp_gfi.masks.select import Keep  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
@@ -55,7 +55,7 @@ def slim_of(bench: Bench, keep: Keep) -> nn.Module:
 
 
 def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, timer: BenchmarkTimer,
-                       tolerance: float, cache_dir: Path) -> Dict[str, object]:
+                       tolerance: float, cache_dir: Path, order: str = "auto") -> Dict[str, object]:
     """(1) ``method``'s selection for ``target`` of measured latency; (2) its MACs-targeted selection whose measured
     reduction matches (1)'s (regula falsi on the MACs target, at most 6 tries); both keeps and how they were found."""
     kind, variant = ours(method)
@@ -66,7 +66,8 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
             found = select_for_latency(scores, tie, reduction=target, model=bench.base, graph=bench.graph,
                                        units=units, dummy_input=torch.zeros(1, *SIZE), device="cpu", batch=batch,
                                        timer=timer, cache_dir=cache_dir, max_layer_sparsity=variant.max_layer_sparsity,
-                                       normalization=variant.normalize, rule=variant.rule)
+                                       normalization=variant.normalize, rule=variant.rule, order=order,
+                                       cost_power=variant.cost_power)
             break
         except ValueError as err:
             if "did not settle" not in str(err) or attempt == 2:
@@ -97,7 +98,8 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
         ask = min(max(next_ask(tries, wanted), 0.01), 0.95)  # the selection's own correction, over MACs targets
     best = min(tries, key=lambda t: abs(t.measured - wanted))
     return {"keeps": {KINDS[0]: found.keep, KINDS[1]: best.keep}, "selection_pct": 100 * wanted,
-            "macs_match_pct": 100 * best.measured, "macs_tries": len(tries), "latency_tries": len(found.tries)}
+            "macs_match_pct": 100 * best.measured, "macs_tries": len(tries), "latency_tries": len(found.tries),
+            "order": found.order}
 
 
 def reductions(nets: Dict[str, nn.Module], batch: int, timer: BenchmarkTimer, runs: int) -> Dict[str, List[float]]:
@@ -119,6 +121,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.25,
                    help="latency reduction asked (default 0.25: block-internal convs under the default per-layer "
                         "cap reach about 27%% on ResNet-20 at batch 128 on one CPU thread)")
+    p.add_argument("--latency_order", choices=ORDERS, default="auto",
+                   help="how the latency target spends its budget (select_for_latency; default auto)")
     p.add_argument("--latency_batch", type=int, default=128, help="batch the selection times (default 128)")
     p.add_argument("--tolerance", type=float, default=0.02, help="latency match, fraction (default 0.02)")
     p.add_argument("--runs", type=int, default=5, help="side-by-side timing rounds (default 5)")
@@ -150,15 +154,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "bench_latency_quality.csv"
     rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
-    done = set(zip(rows["net"], rows["seed"], rows["method"])) if len(rows) else set()
+    if len(rows) and "latency_order" not in rows:  # rows of the greedy before there was a choice
+        rows["latency_order"] = "greedy"
+    done = set(zip(rows["net"], rows["seed"], rows["method"], rows["latency_order"])) if len(rows) else set()
     test = make_loader(splits[2], 256, shuffle=False)
-    todo = [(n, s, m) for n in nets for s in range(args.seeds) for m in methods if (n, s, m) not in done]
+    todo = [(n, s, m) for n in nets for s in range(args.seeds) for m in methods
+            if (n, s, m, args.latency_order) not in done]
     for net, seed, method in tqdm(todo, desc="bench_latency_quality"):
         base, _ = adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
         bench = Bench(net, base, splits, seed, args.epochs, (4.0, 0.5))
         started = time.perf_counter()
         pair = equal_latency_pair(bench, method, args.target, args.latency_batch, timer, args.tolerance,
-                                  args.out / "latency_cache")
+                                  args.out / "latency_cache", args.latency_order)
         slims = {kind: slim_of(bench, keep) for kind, keep in pair["keeps"].items()}
         timed = {b: reductions({"dense": bench.base, **slims}, b, timer, args.runs)
                  for b in sorted({1, args.latency_batch})}
@@ -166,7 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for kind, model in slims.items():
             macs = count_flops(model, SIZE)[0]
             a, b, _ = bench.measure(model)
-            new.append(dict(net=net, seed=seed, method=method, network=kind, target_pct=100 * args.target,
+            new.append(dict(net=net, seed=seed, method=method, latency_order=args.latency_order, network=kind,
+                            target_pct=100 * args.target,
                             macs_removed_pct=100 * (1 - macs / bench.dense_macs),
                             **{f"latency_b{bs}_pct": st.median(cut[kind]) for bs, cut in timed.items()},
                             **{f"latency_b{bs}_min_pct": min(cut[kind]) for bs, cut in timed.items()},
@@ -181,9 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not len(rows):
         print("nothing to do")
         return 0
-    wide = rows.pivot_table(index=["net", "method"], columns="network", values="top1_b" if args.epochs else "top1_a",
-                            aggfunc="mean")
-    gaps = ", ".join(f"{n} {m} {v:+.2f}" for (n, m), v in (wide[KINDS[0]] - wide[KINDS[1]]).items())
+    wide = rows.pivot_table(index=["latency_order", "net", "method"], columns="network",
+                            values="top1_b" if args.epochs else "top1_a", aggfunc="mean")
+    gaps = ", ".join(f"{o} {n} {m} {v:+.2f}" for (o, n, m), v in (wide[KINDS[0]] - wide[KINDS[1]]).items())
     print(f"{len(rows)} rows in {csv}; latency-targeted minus MACs-targeted top-1 at equal latency "
           f"({'(b)' if args.epochs else '(a)'}, mean over seeds): {gaps}")
     return 0

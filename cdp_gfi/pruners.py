@@ -19,7 +19,8 @@ names) are kept whole when the model is traced: a way past a module whose
 forward torch.fx cannot trace (its channels are then pinned).
 ``latency_reduction`` (instead of ``flops_reduction``) targets the slim
 network's measured latency on ``latency_device`` at ``latency_batch``
-(``latency.select``); ``latency_timer`` replaces the benchmark timer.
+(``latency.select``; ``latency_order`` ``auto``, ``ranking`` or ``greedy``
+says how it spends the budget); ``latency_timer`` replaces the benchmark timer.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class _StatisticsPruner(Pruner):
                  site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
                  rule: Optional[str] = None, progress: bool = True, leaf_modules: Sequence[LeafSpec] = (),
                  latency_reduction: Optional[float] = None, latency_device: Optional[str] = None,
-                 latency_batch: int = 1, latency_timer: Optional[Timer] = None,
+                 latency_batch: int = 1, latency_timer: Optional[Timer] = None, latency_order: str = "auto",
                  existed_wrappers=None, **method_options):
         self.data, self.stop_batch, self.statistics = data, stop_batch, statistics
         self.num_classes, self.memory_budget_gb, self.progress = num_classes, memory_budget_gb, progress
@@ -67,7 +68,7 @@ class _StatisticsPruner(Pruner):
         self.max_layer_sparsity, self.method_options = max_layer_sparsity, method_options
         self.round_to = round_to
         self.latency_reduction, self.latency_device = latency_reduction, latency_device
-        self.latency_batch, self.latency_timer = latency_batch, latency_timer
+        self.latency_batch, self.latency_timer, self.latency_order = latency_batch, latency_timer, latency_order
         self.latency: Optional[LatencyResult] = None
         self.variant = resolve_variant(self.method, published, site, normalize, cost_power, rule,
                                        method_options.pop("cdp_mode", None))
@@ -199,7 +200,8 @@ class _StatisticsPruner(Pruner):
             scores, tiebreak, reduction=self.latency_reduction, model=model, graph=self.graph, units=units,
             dummy_input=self.dummy_input, device=self.latency_device, batch=self.latency_batch,
             timer=self.latency_timer, max_layer_sparsity=cap, round_to=self.round_to,
-            normalization=self.variant.normalize, rule=self.variant.rule)
+            normalization=self.variant.normalize, rule=self.variant.rule, order=self.latency_order,
+            cost_power=self.variant.cost_power)
         return self.latency.keep
 
     def compress(self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None):

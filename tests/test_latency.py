@@ -109,8 +109,8 @@ def test_gfi_aps_adaptive_cap_holds_a_unit_until_enough_is_removed_elsewhere():
 def test_a_gfi_ap_latency_target_keeps_the_adaptive_cap(tmp_path):
     widths = {"features.0.0": 16, "features.1.0": 32, "features.2.0": 32, "features.3.0": 16}
     cheap = {c: torch.full((n,), 1e-3 if c == "features.0.0" else 1.0) for c, n in widths.items()}  # one cheap unit
-    free = run(tmp_path, FakeTimer(k3=4.0), 0.3, cheap, tolerance=0.05).keep  # the global rule: no cap
-    capped = run(tmp_path, FakeTimer(k3=4.0), 0.3, cheap, rule="adaptive", tolerance=0.05).keep
+    free = run(tmp_path, FakeTimer(k3=4.0), 0.3, cheap, tolerance=0.05, order="greedy").keep  # global: no cap
+    capped = run(tmp_path, FakeTimer(k3=4.0), 0.3, cheap, rule="adaptive", tolerance=0.05, order="greedy").keep
     removed = sum(int((~capped[c]).sum()) for c in widths) / sum(widths.values())
     assert all(int((~capped[c]).sum()) <= (1 + removed) / 2 * n for c, n in widths.items())
     assert int(free["features.0.0"].sum()) < int(capped["features.0.0"].sum())
@@ -132,18 +132,44 @@ def test_selection_spends_the_budget_where_a_channel_saves_most(tmp_path):
     # with 3x3 MACs 4x dearer, a channel of features.0.0 saves 1260 MAC-units a position, the others 608-1152
     widths = {"features.0.0": 16, "features.1.0": 32, "features.2.0": 32, "features.3.0": 16}
     flat = {c: torch.ones(n) for c, n in widths.items()}
-    kept = {c: int(k.sum()) for c, k in run(tmp_path, FakeTimer(k3=4.0), 0.3, flat).keep.items()}
+    kept = {c: int(k.sum()) for c, k in run(tmp_path, FakeTimer(k3=4.0), 0.3, flat, order="greedy").keep.items()}
     assert kept["features.0.0"] < 16 and all(kept[c] == n for c, n in widths.items() if c != "features.0.0")
     precious = {**flat, "features.0.0": torch.full((16,), 10.0)}  # now its channels lose 10x more score
-    kept = {c: int(k.sum()) for c, k in run(tmp_path, FakeTimer(k3=4.0), 0.3, precious).keep.items()}
+    kept = {c: int(k.sum()) for c, k in run(tmp_path, FakeTimer(k3=4.0), 0.3, precious, order="greedy").keep.items()}
     assert kept["features.0.0"] == 16
 
 
-def test_end_to_end_correction_converges(tmp_path):
+@pytest.mark.parametrize("order", ["ranking", "greedy"])
+def test_end_to_end_correction_converges(tmp_path, order):
     timer = FakeTimer(k3=4.0, factor=0.6, overhead=2e-5)  # the network saves less than the table says
-    result = run(tmp_path, timer, 0.3)
+    result = run(tmp_path, timer, 0.3, order=order)
+    assert result.order == order
     assert len(result.tries) > 1 and abs(result.tries[0][1] - 0.3) > 0.02
     assert abs(result.measured - 0.3) <= 0.02
+
+
+def test_the_ranking_order_cuts_the_criterions_ranking(tmp_path):
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.3, order="ranking")
+    _, _, _, _, scores = setup()
+    removed = torch.cat([scores[c][~k] for c, k in result.keep.items()])
+    kept = torch.cat([scores[c][k] for c, k in result.keep.items()])
+    assert len(removed) and removed.max() < kept.min()  # the lowest scores go, whatever their latency
+    greedy = run(tmp_path, FakeTimer(k3=4.0), 0.3, order="greedy").keep
+    assert any(not torch.equal(greedy[c], k) for c, k in result.keep.items())  # the greedy spends by time instead
+
+
+def test_auto_takes_the_greedy_where_the_ranking_cannot_reach(tmp_path):
+    widths = {"features.0.0": 16, "features.1.0": 32, "features.2.0": 32, "features.3.0": 16}
+    # the global ranking (no cap) takes the lowest-scored unit first and stops before emptying it: 43% of the
+    # latency; the greedy takes every unit down to one channel
+    low_first = {c: torch.full((n,), 1e-3 if c == "features.3.0" else 1.0) + 1e-4 * torch.arange(n)
+                 for c, n in widths.items()}
+    with pytest.raises(ValueError, match=r"cannot cut the measured latency by 60.00%.*closest reachable: 4\d"):
+        run(tmp_path, FakeTimer(k3=4.0), 0.6, low_first, order="ranking")
+    result = run(tmp_path, FakeTimer(k3=4.0), 0.6, low_first)
+    assert result.order == "greedy" and abs(result.measured - 0.6) <= 0.02
+    with pytest.raises(ValueError, match="unknown latency order"):
+        run(tmp_path, FakeTimer(), 0.3, order="fastest")
 
 
 class Repeated(nn.Module):

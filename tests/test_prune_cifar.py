@@ -382,6 +382,7 @@ def test_latency_target_is_met_and_reported(cifar_root, pretrained, tmp_path, ma
     assert summary["latency_reduction"] == 0.3 and summary["sparsity"] is None
     assert summary["latency_measured_reduction_pct"] == pytest.approx(30.0, abs=2.0) and summary["latency_tries"] >= 1
     assert summary["latency_round_to"] == 1  # no --round_to: the CPU's multiple
+    assert summary["latency_order_used"] == "ranking"  # auto: latency follows MACs here, the ranking gets there
     assert summary["latency_timer"] == "torch.utils.benchmark+channels_last"  # the report's timer
     model = load_slim(save_dir / "pruned.pth")
     dense = build_model("resnet20", "cifar10").eval()
@@ -410,6 +411,14 @@ LATENCY_BAD_INPUT = {
                               f"latency device '{NO_GPU}' is not there"),
     "unknown latency device": (["--sparsity", "0.3", "--latency_device", "tpu"], "unknown latency device 'tpu'"),
 }
+
+
+def test_unknown_latency_order_is_one_error_line(cifar_root, pretrained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        prune_cifar.main(latency_args(cifar_root, pretrained, tmp_path / "run", "0.3", "--latency_order", "fastest"))
+    assert exit_.value.code == 2 and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--latency_order" in err[-1] and "'fastest'" in err[-1]
 
 
 @pytest.mark.parametrize("case", LATENCY_BAD_INPUT)

@@ -1,13 +1,21 @@
-"""Selection for a latency target: spend the budget where the criterion's scores lose least per saved second.
+"""Selection for a latency target: the criterion's ranking cut where the latency falls enough, or a greedy.
 
-A greedy over units: each step removes a unit's lowest-scored groups down to
-its next width (one group, or the next grid width when the curve is flat
-until there; never further, so a noisy curve cannot make it overshoot),
-choosing the move with the least score lost per second the latency table
-says it saves. Within a unit the criterion's order is kept.
-The slim network is then timed end to end and the reduction asked of the
-table corrected (between the nearest tries on either side) until the
-measured one is within ``tolerance`` of the one wanted.
+Two orders (``ORDERS``). ``ranking``: the criterion's own ranking, exactly as
+its MACs target ranks (normalised, MACs-weighted, its rule and caps), cut at
+the pruning fraction whose slim network the latency table predicts meets the
+target; where latency follows MACs (the CIFAR ResNets on a CPU) this keeps
+the accuracy of a MACs target and only moves where the cut lies. ``greedy``:
+each step removes a unit's lowest-scored groups down to its next width (one
+group, or the next grid width when the curve is flat until there; never
+further, so a noisy curve cannot make it overshoot), choosing the move with
+the least score lost per second the table says it saves; it reaches
+reductions the ranking cannot where latency does not follow MACs
+(MobileNetV2 at batch 1). ``auto`` takes the ranking where the table
+predicts it reaches the target, else the greedy. Within a unit the
+criterion's order is kept either way. The slim network is then timed end to
+end and the reduction asked of the table corrected (between the nearest
+tries on either side) until the measured one is within ``tolerance`` of the
+one wanted.
 """
 from __future__ import annotations
 
@@ -22,13 +30,15 @@ from torch import nn
 
 from ..graph.groups import Unit
 from ..graph.trace import ModelGraph
-from ..masks.select import (RULES, Keep, Scores, _keep_each_conv, check_fraction, expand_units, ranked_unit_scores,
-                            round_up, to_nni_masks)
+from ..masks.select import (RULES, Keep, LayerEmptiedError, Scores, _keep_each_conv, check_fraction, expand_units,
+                            ranked_unit_scores, round_up, selector, to_nni_masks)
 from ..slimming.speedup import slim
 from .table import Curve, LatencyTable, latency_table
 from .timing import BenchmarkTimer, Timer, check_batch, hardware_multiple, resolve_device
 
 Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
+Picker = Tuple[Callable[[float], Keep], float]  # (selection for a reduction the table predicts, largest reachable)
+ORDERS = ("auto", "ranking", "greedy")
 
 
 @dataclass
@@ -53,6 +63,7 @@ class LatencyResult:
     tries: List[Tuple[float, float]] = field(default_factory=list)
     table: Optional[LatencyTable] = None
     round_to: int = 1  # the channel multiple kept (``round_to``, or the device's: ``timing.hardware_multiple``)
+    order: str = "greedy"  # the order that selected (``ORDERS``; ``auto`` resolved)
 
 
 def removal_path(curves: Dict[str, Curve], costs: Dict[str, np.ndarray], floors: Dict[str, int],
@@ -147,9 +158,9 @@ def time_pair(dense: nn.Module, slim_model: nn.Module, example: torch.Tensor, ti
     return pairs[ratios[rounds // 2]]
 
 
-def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
-                   max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
-                   rule: str = "global") -> Tuple[Callable[[float], Keep], float]:
+def greedy_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
+                  max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
+                  rule: str = "global") -> Picker:
     """The greedy's selection for each reduction the table predicts, and the largest reduction it reaches.
 
     Scores are normalised as the global ranking normalises them, but not weighted by MACs: the greedy's measured
@@ -172,12 +183,56 @@ def latency_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, 
             keep = torch.ones(n_groups[u], dtype=torch.bool)
             keep[orders[u][: n_groups[u] - k]] = False
             chosen[u] = keep
-        chosen = _keep_each_conv(units, chosen, u_scores)
-        if round_to:
-            chosen = round_up(units, chosen, u_scores, round_to)
-        return expand_units(units, chosen, sizes)
+        return _finish(units, chosen, u_scores, sizes, round_to)
 
     return pick, (path[-1][2] / table.dense if path else 0.0)
+
+
+def ranking_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores],
+                   max_layer_sparsity: Optional[float], round_to: Optional[int], normalization: str,
+                   rule: str, graph: ModelGraph, cost_power: float = 0.0, steps: int = 30) -> Picker:
+    """The criterion's ranking as its MACs target ranks (``masks.select.select``: normalised, MACs-weighted by
+    ``cost_power``, ``rule`` and caps), cut at the smallest pruning fraction (bisected, ``steps`` halvings) whose
+    selection the table predicts saves the reduction asked; the largest reduction any fraction reaches."""
+    sizes = {name: s.numel() for name, s in scores.items()}
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power)
+    pick_units = selector(rule, u_scores, u_tie, max_layer_sparsity)
+
+    def at(p: float) -> Optional[Tuple[Keep, float]]:
+        """The units' selection at fraction ``p`` and the reduction the table predicts; None where p empties one."""
+        try:
+            chosen = pick_units(p)
+        except LayerEmptiedError:
+            return None
+        saved = sum(table.curves[u].saved(int(k.sum())) for u, k in chosen.items())
+        return chosen, saved / table.dense
+
+    lo, hi = 0.0, 1.0  # the largest fraction that empties no unit (1.0 with a cap that always keeps one)
+    if at(1.0) is None:
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if at(mid) is not None else (lo, mid)
+        hi = lo
+    p_max, (_, reachable) = hi, at(hi)
+
+    def pick(predicted: float) -> Keep:
+        lo, hi = 0.0, p_max
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            found = at(mid)
+            lo, hi = (mid, hi) if found is not None and found[1] < predicted else (lo, mid)
+        return _finish(units, at(hi)[0], u_scores, sizes, round_to)
+
+    return pick, reachable
+
+
+def _finish(units: Dict[str, Unit], chosen: Keep, u_scores: Scores, sizes: Dict[str, int],
+            round_to: Optional[int]) -> Keep:
+    """Units' kept groups to kept filters per conv: each conv keeps a channel, widths rounded up to ``round_to``."""
+    chosen = _keep_each_conv(units, chosen, u_scores)
+    if round_to:
+        chosen = round_up(units, chosen, u_scores, round_to)
+    return expand_units(units, chosen, sizes)
 
 
 def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, reduction: float,
@@ -185,14 +240,18 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                        device: Optional[str] = None, batch: int = 1, timer: Optional[Timer] = None,
                        cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
                        normalization: str = "none", tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3,
-                       slim_input: Optional[torch.Tensor] = None, rule: str = "global") -> LatencyResult:
+                       slim_input: Optional[torch.Tensor] = None, rule: str = "global", order: str = "auto",
+                       cost_power: float = 0.0) -> LatencyResult:
     """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
     at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
 
     ``scores`` are per conv of ``units``; the table is measured once per key and cached in ``cache_dir``.
     Each try times the dense and the slim network ``rounds`` times in alternation (the median ratio counts).
     Kept channels are a multiple of ``round_to``, by default the device's (``timing.hardware_multiple``: 8 on CUDA,
-    1 on the CPU). ``rule`` (``masks.select.RULES``): ``adaptive`` and ``threshold`` without a cap keep GFI-AP's
+    1 on the CPU). ``order`` (``ORDERS``): ``ranking`` cuts the criterion's ranking (with ``rule`` and
+    ``cost_power``, as its MACs target ranks), ``greedy`` spends the budget by score lost per measured second,
+    ``auto`` the ranking unless the table predicts it cannot reach ``reduction``. ``rule``
+    (``masks.select.RULES``): under the greedy, ``adaptive`` and ``threshold`` without a cap keep GFI-AP's
     per-layer cap (1 + p) / 2 (``removal_path``); within a unit the order is the criterion's either way.
     ``slim_input`` (default ``dummy_input``) is what NNI slims each try with: a smaller one
     (64x64 for nets that pool adaptively) keeps its memory and time down (ResNet-50 at 224x224 took 18 GB).
@@ -209,8 +268,18 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
-    pick, reachable = latency_picker(table, units, scores, tiebreak, max_layer_sparsity,
-                                     round_to if round_to > 1 else None, normalization, rule)
+    if order not in ORDERS:
+        raise ValueError(f"unknown latency order {order!r}; choose one of {ORDERS}")
+    rounding = round_to if round_to > 1 else None
+    picker = None
+    if order != "greedy":
+        picker = ranking_picker(table, units, scores, tiebreak, max_layer_sparsity, rounding, normalization, rule,
+                                graph, cost_power)
+        if order == "auto" and picker[1] < reduction:
+            picker = None  # the ranking cannot get there: the greedy spends where the time is
+    used = "ranking" if picker is not None else "greedy"
+    pick, reachable = picker or greedy_picker(table, units, scores, tiebreak, max_layer_sparsity, rounding,
+                                              normalization, rule)
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction
@@ -236,7 +305,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                          f"reachable: {best.measured:.2%}); widen the scope, raise the per-layer cap "
                          "(--max_layer_sparsity) or change the target")
     return LatencyResult(best.keep, best.measured, best.dense, best.slim, [(t.asked, t.measured) for t in tries],
-                         table, round_to)
+                         table, round_to, used)
 
 
 def next_ask(tries: List[Try], wanted: float) -> float:

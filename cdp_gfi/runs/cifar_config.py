@@ -9,6 +9,7 @@ import torch
 from ..distributed import parse_device
 from ..flops import CONVENTIONS
 from ..graph.scope import SCOPES
+from ..latency.select import ORDERS
 from ..latency.timing import check_batch, resolve_device
 from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
@@ -47,6 +48,7 @@ class PruneConfig(CriterionOptions):
     latency_reduction: Optional[float] = None
     latency_device: Optional[str] = None
     latency_batch: int = 1
+    latency_order: str = "auto"
     latency_amp: bool = False
     latency_channels_last: bool = False
     stop_batch: Optional[int] = None
@@ -110,6 +112,8 @@ def check_target(config: PruneConfig) -> None:
         raise ValueError("give exactly one of --sparsity and --flops_reduction (or --latency_reduction)")
     check_fraction(getattr(config, given[0]), f"--{given[0]}")
     check_batch(config.latency_batch, "--latency_batch")
+    if config.latency_order not in ORDERS:
+        raise ValueError(f"--latency_order must be one of {ORDERS}, got {config.latency_order!r}")
 
 
 def check(config: PruneConfig) -> torch.device:

@@ -209,13 +209,16 @@ def _select_for_latency(config: PruneConfig, model: nn.Module, scores, tiebreak,
                                 units=units, dummy_input=dummy_input, device=str(on), batch=config.latency_batch,
                                 timer=latency_timer(config), max_layer_sparsity=config.max_layer_sparsity,
                                 round_to=config.round_to, normalization=config.normalize,
-                                slim_input=dummy_input[..., :SLIM_DUMMY_SIZE, :SLIM_DUMMY_SIZE], rule=config.rule)
+                                slim_input=dummy_input[..., :SLIM_DUMMY_SIZE, :SLIM_DUMMY_SIZE], rule=config.rule,
+                                order=config.latency_order, cost_power=config.cost_power)
     print(f"latency: {result.measured:.1%} measured reduction at batch {config.latency_batch} on {on} "
-          f"(target {config.latency_reduction:.1%}, {len(result.tries)} tries, widths multiples of {result.round_to}, "
+          f"(target {config.latency_reduction:.1%}, {result.order} order, {len(result.tries)} tries, widths multiples "
+          f"of {result.round_to}, "
           f"latency table "
           f"{'reused' if result.table is not None and result.table.reused else 'measured'})", flush=True)
     return result.keep, {"latency_measured_reduction_pct": 100.0 * result.measured,
                          "latency_tries": len(result.tries), "latency_round_to": result.round_to,
+                         "latency_order_used": result.order,
                          "latency_selection_dense_ms": 1e3 * result.dense_seconds,
                          "latency_selection_slim_ms": 1e3 * result.slim_seconds}
 

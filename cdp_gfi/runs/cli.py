@@ -8,6 +8,7 @@ from typing import Any, Callable, NoReturn
 from ..distributed import DEFAULT_TIMEOUT_S, RankError, cleanup, is_distributed, launched_rank, peer_failure
 from ..files.checkpoint import CheckpointError
 from ..graph.sites import SITES
+from ..latency.select import ORDERS
 from ..masks.select import RULES
 from ..models import IMAGENET_MODELS, check_model_name
 from ..scores.ranking import NORMALIZATIONS
@@ -72,6 +73,11 @@ def add_latency_arguments(parser: argparse.ArgumentParser, default_device: str,
            f"{default_device})")
     a("--latency_batch", type=int, default=1, metavar="N",
       help="batch size of the latency target (default 1); reports give batch 1 and the run's batch size")
+    a("--latency_order", choices=ORDERS, default="auto",
+      help="how a latency target spends its budget: ranking (the criterion's ranking as a MACs target ranks, cut "
+           "where the measured latency falls enough; as accurate as a MACs target where latency follows MACs), "
+           "greedy (least score lost per measured second saved; reaches more where latency does not follow MACs, "
+           "e.g. MobileNets at batch 1) or auto (default: the ranking where it can reach the target, else greedy)")
     a("--latency_amp", action="store_true",
       help="time under torch.autocast (float16 on CUDA, bfloat16 on the CPU), for the target and the reports")
     a("--latency_channels_last", action="store_true",

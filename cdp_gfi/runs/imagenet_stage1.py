@@ -90,6 +90,7 @@ class Stage1Config(CriterionOptions):
     latency_reduction: Tuple[float, ...] = ()
     latency_device: Optional[str] = None
     latency_batch: int = 1
+    latency_order: str = "auto"
     latency_amp: bool = False
     latency_channels_last: bool = False
     stop_batch: int = 200
@@ -279,7 +280,7 @@ def masks_for(config: Stage1Config, target: Target, model: nn.Module, stats: Sta
     criterion = {f.name: getattr(config, f.name) for f in fields(CriterionOptions)}
     prune_config = PruneConfig(**criterion, flops_convention=config.flops_convention, **{target.kind: target.value},
                                latency_device=config.latency_device, latency_batch=config.latency_batch,
-                               latency_amp=config.latency_amp, latency_channels_last=config.latency_channels_last)
+                               latency_order=config.latency_order, latency_amp=config.latency_amp, latency_channels_last=config.latency_channels_last)
     return choose_masks(prune_config, model, stats, graph, units, dummy_input(config), device)
 
 
