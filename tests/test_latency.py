@@ -12,7 +12,7 @@ from cdp_gfi.graph.scope import prunable_units
 from cdp_gfi.graph.trace import trace
 from cdp_gfi.latency import select as select_module, table as table_module
 from cdp_gfi.latency.report import compare_latency, latency_line, latency_summary
-from cdp_gfi.latency.select import removal_path, select_for_latency, slimmed_copy, time_pair
+from cdp_gfi.latency.select import auto_order, removal_path, select_for_latency, slimmed_copy, time_pair
 from cdp_gfi.latency.table import Curve, cache_file, cache_key, latency_table
 from cdp_gfi.latency.timing import BenchmarkTimer
 
@@ -170,6 +170,24 @@ def test_auto_takes_the_greedy_where_the_ranking_cannot_reach(tmp_path):
     assert result.order == "greedy" and abs(result.measured - 0.6) <= 0.02
     with pytest.raises(ValueError, match="unknown latency order"):
         run(tmp_path, FakeTimer(), 0.3, order="fastest")
+
+
+def test_auto_takes_the_greedy_where_the_ranking_pays_for_the_time_with_more_macs():
+    _, _, graph, _, _ = setup()
+
+    def removing(conv, n):  # a picker whose selection removes n filters of one conv, reaching 50%
+        def pick(_):
+            keep = {c: torch.ones(graph.modules[c].out_channels, dtype=torch.bool) for c in ("features.0.0",
+                                                                                               "features.1.0")}
+            keep[conv][:n] = False
+            return keep
+        return pick, 0.5
+
+    small, large = removing("features.0.0", 1), removing("features.1.0", 16)  # about 3% and 30% of the MACs
+    assert auto_order({"ranking": large, "greedy": small}, 0.3, graph) == "greedy"
+    assert auto_order({"ranking": small, "greedy": large}, 0.3, graph) == "ranking"
+    assert auto_order({"ranking": small, "greedy": small}, 0.3, graph) == "ranking"  # equal: the ranking
+    assert auto_order({"ranking": (small[0], 0.2), "greedy": large}, 0.3, graph) == "greedy"  # cannot reach
 
 
 class Repeated(nn.Module):

@@ -10,8 +10,9 @@ group, or the next grid width when the curve is flat until there; never
 further, so a noisy curve cannot make it overshoot), choosing the move with
 the least score lost per second the table says it saves; it reaches
 reductions the ranking cannot where latency does not follow MACs
-(MobileNetV2 at batch 1). ``auto`` takes the ranking where the table
-predicts it reaches the target, else the greedy. Within a unit the
+(MobileNetV2 at batch 1). ``auto`` (``auto_order``) takes the ranking,
+unless the table predicts it cannot reach the target or must remove
+``AUTO_MACS_MARGIN`` more of the MACs than the greedy to save the same time. Within a unit the
 criterion's order is kept either way. The slim network is then timed end to
 end and the reduction asked of the table corrected (between the nearest
 tries on either side) until the measured one is within ``tolerance`` of the
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..flops import macs_of
 from ..graph.groups import Unit
 from ..graph.trace import ModelGraph
 from ..masks.select import (RULES, Keep, LayerEmptiedError, Scores, _keep_each_conv, check_fraction, expand_units,
@@ -39,6 +41,7 @@ from .timing import BenchmarkTimer, Timer, check_batch, hardware_multiple, resol
 Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
 Picker = Tuple[Callable[[float], Keep], float]  # (selection for a reduction the table predicts, largest reachable)
 ORDERS = ("auto", "ranking", "greedy")
+AUTO_MACS_MARGIN = 0.05  # of the dense MACs: past this, latency does not follow MACs and auto takes the greedy
 
 
 @dataclass
@@ -259,6 +262,8 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     check_fraction(reduction, "latency_reduction")
     check_batch(batch)
     check_batch(rounds, "rounds")
+    if order not in ORDERS:
+        raise ValueError(f"unknown latency order {order!r}; choose one of {ORDERS}")
     if max_layer_sparsity is not None:
         check_fraction(max_layer_sparsity, "max_layer_sparsity")
     dev = resolve_device(device, next(model.parameters()).device)
@@ -268,18 +273,16 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
 
-    if order not in ORDERS:
-        raise ValueError(f"unknown latency order {order!r}; choose one of {ORDERS}")
     rounding = round_to if round_to > 1 else None
-    picker = None
+    pickers: Dict[str, Picker] = {}
     if order != "greedy":
-        picker = ranking_picker(table, units, scores, tiebreak, max_layer_sparsity, rounding, normalization, rule,
-                                graph, cost_power)
-        if order == "auto" and picker[1] < reduction:
-            picker = None  # the ranking cannot get there: the greedy spends where the time is
-    used = "ranking" if picker is not None else "greedy"
-    pick, reachable = picker or greedy_picker(table, units, scores, tiebreak, max_layer_sparsity, rounding,
-                                              normalization, rule)
+        pickers["ranking"] = ranking_picker(table, units, scores, tiebreak, max_layer_sparsity, rounding,
+                                            normalization, rule, graph, cost_power)
+    if order != "ranking":
+        pickers["greedy"] = greedy_picker(table, units, scores, tiebreak, max_layer_sparsity, rounding, normalization,
+                                          rule)
+    used = auto_order(pickers, reduction, graph) if order == "auto" else order
+    pick, reachable = pickers[used]
     dense_model = copy.deepcopy(model).to(dev).eval()
     tries: List[Try] = []
     asked = reduction
@@ -306,6 +309,17 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                          "(--max_layer_sparsity) or change the target")
     return LatencyResult(best.keep, best.measured, best.dense, best.slim, [(t.asked, t.measured) for t in tries],
                          table, round_to, used)
+
+
+def auto_order(pickers: Dict[str, Picker], reduction: float, graph: ModelGraph) -> str:
+    """``auto`` resolved: ``ranking``, unless the table predicts it cannot reach ``reduction`` while the greedy can,
+    or its selection there removes ``AUTO_MACS_MARGIN`` more of the dense MACs than the greedy's (time and MACs
+    part ways: the ranking would pay for the latency with more of the network)."""
+    (ranking, ranking_reach), (greedy, greedy_reach) = pickers["ranking"], pickers["greedy"]
+    if ranking_reach < reduction or greedy_reach < reduction:
+        return "greedy" if greedy_reach > ranking_reach else "ranking"
+    extra = (macs_of(graph, greedy(reduction)) - macs_of(graph, ranking(reduction))) / macs_of(graph, {})
+    return "greedy" if extra > AUTO_MACS_MARGIN else "ranking"
 
 
 def next_ask(tries: List[Try], wanted: float) -> float:
