@@ -8,6 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cdp_gfi import CDPPruner
+from cdp_gfi.flops import macs_of
+from cdp_gfi.masks.select import select
 from cdp_gfi.graph.scope import prunable_units
 from cdp_gfi.graph.trace import trace
 from cdp_gfi.latency import select as select_module, table as table_module
@@ -154,6 +156,10 @@ def test_the_ranking_order_cuts_the_criterions_ranking(tmp_path):
     removed = torch.cat([scores[c][~k] for c, k in result.keep.items()])
     kept = torch.cat([scores[c][k] for c, k in result.keep.items()])
     assert len(removed) and removed.max() < kept.min()  # the lowest scores go, whatever their latency
+    model, dummy, graph, units, _ = setup()
+    macs = 1 - macs_of(graph, result.keep) / macs_of(graph, {})
+    by_macs, _ = select("cdp", scores, flops_reduction=macs, graph=graph, units=units)
+    assert all(torch.equal(by_macs[c], k) for c, k in result.keep.items())  # the MACs target's network
     greedy = run(tmp_path, FakeTimer(k3=4.0), 0.3, order="greedy").keep
     assert any(not torch.equal(greedy[c], k) for c, k in result.keep.items())  # the greedy spends by time instead
 
