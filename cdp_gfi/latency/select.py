@@ -10,9 +10,9 @@ group, or the next grid width when the curve is flat until there; never
 further, so a noisy curve cannot make it overshoot), choosing the move with
 the least score lost per second the table says it saves; it reaches
 reductions the ranking cannot where latency does not follow MACs
-(MobileNetV2 at batch 1). ``auto`` (``auto_order``) takes the ranking,
-unless the table predicts it cannot reach the target or must remove
-``AUTO_MACS_MARGIN`` more of the MACs than the greedy to save the same time. Within a unit the
+(MobileNetV2 at batch 1). ``auto`` (``auto_order``) takes the greedy for
+networks with depthwise convs, or where the table predicts only the greedy
+reaches the target, and the ranking otherwise. Within a unit the
 criterion's order is kept either way. The slim network is then timed end to
 end and the reduction asked of the table corrected (between the nearest
 tries on either side) until the measured one is within ``tolerance`` of the
@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..flops import macs_of
 from ..graph.groups import Unit
-from ..graph.trace import ModelGraph
+from ..graph.trace import ModelGraph, is_depthwise
 from ..masks.select import (RULES, Keep, LayerEmptiedError, Scores, _keep_each_conv, check_fraction, expand_units,
                             ranked_unit_scores, round_up, selector, to_nni_masks)
 from ..slimming.speedup import slim
@@ -41,7 +40,6 @@ from .timing import BenchmarkTimer, Timer, check_batch, hardware_multiple, resol
 Move = Tuple[str, int, float]  # (unit, kept groups after the move, seconds saved so far)
 Picker = Tuple[Callable[[float], Keep], float]  # (selection for a reduction the table predicts, largest reachable)
 ORDERS = ("auto", "ranking", "greedy")
-AUTO_MACS_MARGIN = 0.05  # of the dense MACs: past this, latency does not follow MACs and auto takes the greedy
 
 
 @dataclass
@@ -312,14 +310,15 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
 
 
 def auto_order(pickers: Dict[str, Picker], reduction: float, graph: ModelGraph) -> str:
-    """``auto`` resolved: ``ranking``, unless the table predicts it cannot reach ``reduction`` while the greedy can,
-    or its selection there removes ``AUTO_MACS_MARGIN`` more of the dense MACs than the greedy's (time and MACs
-    part ways: the ranking would pay for the latency with more of the network)."""
-    (ranking, ranking_reach), (greedy, greedy_reach) = pickers["ranking"], pickers["greedy"]
-    if ranking_reach < reduction or greedy_reach < reduction:
-        return "greedy" if greedy_reach > ranking_reach else "ranking"
-    extra = (macs_of(graph, greedy(reduction)) - macs_of(graph, ranking(reduction))) / macs_of(graph, {})
-    return "greedy" if extra > AUTO_MACS_MARGIN else "ranking"
+    """``auto`` resolved: ``greedy`` for a network with depthwise convs (memory-bound: their time does not follow
+    their MACs, so a MACs-weighted ranking spends the budget where little time goes) or where the table predicts
+    only the greedy reaches ``reduction``; else ``ranking``, whose accuracy at equal latency is the MACs target's.
+    Decided by structure, not by the table's predictions, which carry each unit's timing noise."""
+    ranking_reach, greedy_reach = pickers["ranking"][1], pickers["greedy"][1]
+    if ranking_reach < reduction <= greedy_reach:
+        return "greedy"
+    depthwise = any(isinstance(m, nn.Conv2d) and is_depthwise(m) for m in graph.modules.values())
+    return "greedy" if depthwise else "ranking"
 
 
 def next_ask(tries: List[Try], wanted: float) -> float:
