@@ -251,7 +251,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     Kept channels are a multiple of ``round_to``, by default the device's (``timing.hardware_multiple``: 8 on CUDA,
     1 on the CPU). ``order`` (``ORDERS``): ``ranking`` cuts the criterion's ranking (with ``rule`` and
     ``cost_power``, as its MACs target ranks), ``greedy`` spends the budget by score lost per measured second,
-    ``auto`` the ranking unless the table predicts it cannot reach ``reduction``. ``rule``
+    ``auto`` as ``auto_order`` decides (the greedy for depthwise convs). ``rule``
     (``masks.select.RULES``): under the greedy, ``adaptive`` and ``threshold`` without a cap keep GFI-AP's
     per-layer cap (1 + p) / 2 (``removal_path``); within a unit the order is the criterion's either way.
     ``slim_input`` (default ``dummy_input``) is what NNI slims each try with: a smaller one

@@ -77,7 +77,8 @@ def add_latency_arguments(parser: argparse.ArgumentParser, default_device: str,
       help="how a latency target spends its budget: ranking (the criterion's ranking as a MACs target ranks, cut "
            "where the measured latency falls enough; as accurate as a MACs target where latency follows MACs), "
            "greedy (least score lost per measured second saved; reaches more where latency does not follow MACs, "
-           "e.g. MobileNets at batch 1) or auto (default: the ranking where it can reach the target, else greedy)")
+           "e.g. MobileNets at batch 1) or auto (default: greedy for networks with depthwise convs or where only it "
+           "reaches the target, else ranking)")
     a("--latency_amp", action="store_true",
       help="time under torch.autocast (float16 on CUDA, bfloat16 on the CPU), for the target and the reports")
     a("--latency_channels_last", action="store_true",
