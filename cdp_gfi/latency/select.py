@@ -208,13 +208,14 @@ def ranking_picker(table: LatencyTable, units: Dict[str, Unit], scores: Scores, 
         saved = sum(table.curves[u].saved(int(k.sum())) for u, k in chosen.items())
         return chosen, saved / table.dense
 
-    lo, hi = 0.0, 1.0  # the largest fraction that empties no unit (1.0 with a cap that always keeps one)
-    if at(1.0) is None:
+    p_max, top = 1.0, at(1.0)  # the largest fraction that empties no unit (1.0 with a cap that always keeps one)
+    if top is None:
+        lo, hi = 0.0, 1.0
         for _ in range(steps):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if at(mid) is not None else (lo, mid)
-        hi = lo
-    p_max, (_, reachable) = hi, at(hi)
+        p_max, top = lo, at(lo)
+    reachable = top[1]
 
     def pick(predicted: float) -> Keep:
         lo, hi = 0.0, p_max
