@@ -7,8 +7,10 @@ re-estimates BatchNorm on 20 batches of 128 training images (a), then
 fine-tunes ``--epochs`` (default 1) over the 50,000 training images with one
 recipe for every row (b); top-1 on the 5,000 held-out test images after each.
 The ``dense`` row is the adapted network, fine-tuned the same way: the ceiling.
-Recovery is a row suffix: ``+rec`` refits the layers reading pruned convs by
-least squares (``cdp_gfi.slimming.reconstruct``) before (a); ``+kd`` fine-tunes
+Recovery is a row suffix: ``+rec`` refits every layer from the first one
+reading a pruned conv on by least squares (``cdp_gfi.slimming.reconstruct``,
+the default ``downstream``) before (a), ``+rec-readers`` only the layers
+reading pruned convs (the earlier default); ``+kd`` fine-tunes
 with the dense network as teacher (``cdp_gfi.train.distill``), (b) only. Seeds
 change the statistics sample, Taylor's batches, the BN batches, the
 reconstruction sample and the fine-tuning order.
@@ -89,7 +91,7 @@ OURS: Dict[str, Tuple[str, Variant]] = {
 }
 OTHERS = ("nni-l1", "nni-fpgm", "nni-taylor", "tp-global", "tp-layer", "l1-layernorm", "random")
 PEER = "nni-fpgm"  # the peer whose masks get our recovery too
-RECOVERY = ("rec", "kd")
+RECOVERY = ("rec", "rec-readers", "kd")
 BASES = ("dense", *OURS, *OTHERS)
 METHODS = (*BASES, *(f"{m}+{r}" for r in ("rec", "kd", "rec+kd") for m in ("cdp", "gfi-ap", PEER)))
 MAIN = ("dense", "cdp", "gfi-ap", PEER, "l1-layernorm", "tp-global", "cdp+rec", "gfi-ap+rec", f"{PEER}+rec")
@@ -119,7 +121,9 @@ def parse_method(method: str) -> Tuple[str, Tuple[str, ...]]:
     base, *extra = method.split("+")
     if (base not in BASES and ours(base) is None) or any(r not in RECOVERY for r in extra):
         raise ValueError(f"unknown row {method!r}: a row is one of {', '.join(BASES)} (ours with options: "
-                         "cdp{cost_power=0.5;...}), optionally followed by +rec and/or +kd")
+                         "cdp{cost_power=0.5;...}), optionally followed by +rec (or +rec-readers) and/or +kd")
+    if "rec" in extra and "rec-readers" in extra:
+        raise ValueError(f"row {method!r}: +rec and +rec-readers are two reconstructions; give one")
     if extra and (base == "dense" or base.startswith("tp-")):
         raise ValueError(f"row {method!r}: recovery applies to rows with masks (not dense or Torch-Pruning's)")
     return base, tuple(extra)
@@ -183,8 +187,9 @@ class Bench:
         seed_everything(self.seed)
         started = time.perf_counter()
         model, masks = self.pruned(base, target)
-        if "rec" in recovery:
-            reconstruct(self.base, model, masks, sample_loader(self.splits[1], BATCH, RECON_BATCHES, self.seed + 1000, 0))
+        if "rec" in recovery or "rec-readers" in recovery:
+            reconstruct(self.base, model, masks, sample_loader(self.splits[1], BATCH, RECON_BATCHES, self.seed + 1000, 0),
+                        layers="readers" if "rec-readers" in recovery else "downstream")
         prune_s = time.perf_counter() - started
         a, b, a_s = self.measure(model, recalibrate=base != "dense", distill="kd" in recovery)
         a_s += prune_s

@@ -80,7 +80,9 @@ def test_negative_epochs_are_one_error_line(cifar_root, checkpoint, capsys, flag
 
 def test_unknown_rows_and_recovery_on_rows_without_masks_are_refused():
     assert bench_quality.parse_method("cdp+rec+kd") == ("cdp", ("rec", "kd"))
-    for bad in ("cdp+foo", "nope", "dense+rec", "tp-global+kd", "cdp{cost=1}", "l1{cost_power=1}", "cdp{rule=}"):
+    assert bench_quality.parse_method("nni-fpgm+rec-readers") == ("nni-fpgm", ("rec-readers",))
+    for bad in ("cdp+foo", "nope", "dense+rec", "tp-global+kd", "cdp{cost=1}", "l1{cost_power=1}", "cdp{rule=}",
+                "cdp+rec+rec-readers"):
         with pytest.raises(ValueError):
             bench_quality.parse_method(bad)
 

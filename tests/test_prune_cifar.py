@@ -421,6 +421,14 @@ def test_unknown_latency_order_is_one_error_line(cifar_root, pretrained, tmp_pat
     assert err[-1].startswith("error: ") and "--latency_order" in err[-1] and "'fastest'" in err[-1]
 
 
+def test_unknown_reconstruct_layers_is_one_error_line(cifar_root, pretrained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        prune_cifar.main(latency_args(cifar_root, pretrained, tmp_path / "run", "0.3", "--reconstruct_layers", "all"))
+    assert exit_.value.code == 2 and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--reconstruct_layers" in err[-1] and "'all'" in err[-1]
+
+
 @pytest.mark.parametrize("case", LATENCY_BAD_INPUT)
 def test_bad_latency_input_is_one_error_line_and_writes_nothing(case, cifar_root, pretrained, tmp_path, capsys):
     extra, message = LATENCY_BAD_INPUT[case]

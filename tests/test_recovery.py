@@ -40,9 +40,46 @@ def test_reconstruction_lowers_the_next_layers_output_error():
     model, masks = pruned(dense, kept=5)
     sample = batches()
     before = output_error(dense, model, "3", sample)
-    assert reconstruct(dense, model, masks, sample) == ["3"]
+    assert reconstruct(dense, model, masks, sample, layers="readers") == ["3"]
     after = output_error(dense, model, "3", sample)
     assert after < 0.75 * before  # measured: 0.0148 -> 0.0083
+
+
+def deeper() -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for c_in in (3, 8, 8, 8):
+        layers += [nn.Conv2d(c_in, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for bn in model[1::3][:4]:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_downstream_reconstruction_refits_every_layer_after_the_first_reader_and_beats_readers_only():
+    dense, sample = deeper(), batches()
+    masks = to_nni_masks(dense, {"3": torch.arange(8) < 4})  # the second conv loses half its filters
+    readers, downstream = (slim(copy.deepcopy(dense), masks, torch.zeros(1, 3, 8, 8)).eval() for _ in range(2))
+
+    def logits_error(model):
+        with torch.no_grad():
+            return sum(float((model(x) - dense(x)).pow(2).mean()) for x, _ in sample)
+
+    before = logits_error(readers)
+    assert reconstruct(dense, readers, masks, sample, layers="readers") == ["6"]
+    assert reconstruct(dense, downstream, masks, sample) == ["6", "9", "14"]
+    for name in ("0", "3"):  # before the first reader: as the pruning left them
+        assert torch.equal(dict(downstream.named_modules())[name].weight, dict(readers.named_modules())[name].weight)
+    assert logits_error(downstream) < logits_error(readers) < before
+
+
+def test_reconstruction_refuses_an_unknown_choice_of_layers():
+    dense = tiny()
+    model, masks = pruned(dense, kept=5)
+    with pytest.raises(ValueError, match="downstream, readers.*'all'"):
+        reconstruct(dense, model, masks, batches(), layers="all")
 
 
 def test_reconstruction_changes_nothing_when_nothing_was_pruned():

@@ -15,6 +15,7 @@ from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
 from ..models import models_for
 from ..scores.importance import statistics_kinds
+from ..slimming.reconstruct import LAYERS as RECONSTRUCT_LAYERS
 from ..train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distillation
 
 DATASETS = ("cifar10", "cifar100", "digits")
@@ -61,6 +62,7 @@ class PruneConfig(CriterionOptions):
     layerwise_retrain: int = 0
     bn_recalibrate: Optional[int] = None
     reconstruct: Optional[bool] = None
+    reconstruct_layers: str = "downstream"
     distill: Optional[bool] = None
     distill_temperature: float = DEFAULT_TEMPERATURE
     distill_weight: float = DEFAULT_WEIGHT
@@ -143,6 +145,8 @@ def check(config: PruneConfig) -> torch.device:
         raise ValueError(f"need --lr > 0, 0 <= --momentum < 1, --wd >= 0; got {config.lr}, {config.momentum}, "
                          f"{config.wd}")
     check_distillation(config.distill_temperature, config.distill_weight)
+    if config.reconstruct_layers not in RECONSTRUCT_LAYERS:
+        raise ValueError(f"--reconstruct_layers must be one of {RECONSTRUCT_LAYERS}, got {config.reconstruct_layers!r}")
     if config.dataset == "digits" and config.dataroot:
         raise ValueError("--dataroot is not used with --dataset digits (scikit-learn ships the images)")
     if config.dataset != "digits" and not config.dataroot:

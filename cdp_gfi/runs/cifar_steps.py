@@ -277,11 +277,11 @@ def recalibrate(config: PruneConfig, model: nn.Module, plain_train: Dataset, bat
 
 def refit(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, plain_train: Dataset,
           device: torch.device) -> None:
-    """``--reconstruct``: refit the layers reading pruned convs on a seeded sample of plain training images."""
+    """``--reconstruct``: refit ``--reconstruct_layers`` on a seeded sample of plain training images."""
     loader = sample_loader(plain_train, config.batch_size, RECONSTRUCT_BATCHES, config.seed + 1000, config.workers)
-    names = reconstruct(baseline, model, masks, loader)
-    print(f"reconstruction: {len(names)} layer(s) refitted by least squares on {RECONSTRUCT_BATCHES} batches",
-          flush=True)
+    names = reconstruct(baseline, model, masks, loader, layers=config.reconstruct_layers)
+    print(f"reconstruction: {len(names)} layer(s) ({config.reconstruct_layers}) refitted by least squares on "
+          f"{RECONSTRUCT_BATCHES} batches", flush=True)
 
 
 def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, save_dir: Path

@@ -12,6 +12,7 @@ from ..latency.select import ORDERS
 from ..masks.select import RULES
 from ..models import IMAGENET_MODELS, check_model_name
 from ..scores.ranking import NORMALIZATIONS
+from ..slimming.reconstruct import LAYERS as RECONSTRUCT_LAYERS
 from ..train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
 from .spellings import BothSpellingsParser
 
@@ -104,8 +105,11 @@ def add_recovery_arguments(parser: argparse.ArgumentParser, reconstruct: bool = 
     default = " (default: on, off with --published)" if on_by_default else ""
     if reconstruct:
         a("--reconstruct", **flag,
-          help="after pruning, refit each layer reading a pruned conv by least squares on sampled training images "
-               f"so its outputs match the dense network's{default}")
+          help="after pruning, refit layers by least squares on sampled training images so their outputs match "
+               f"the dense network's{default}")
+        a("--reconstruct_layers", choices=RECONSTRUCT_LAYERS, default="downstream",
+          help="which layers --reconstruct refits: every conv and linear layer from the first that reads a pruned "
+               "conv on (downstream, the default), or only those reading a pruned conv (readers)")
     a("--distill", **flag, help=f"fine-tune with the dense network as teacher (knowledge distillation){default}")
     if on_by_default:
         for name in ("reconstruct", "distill")[0 if reconstruct else 1:]:

@@ -1,12 +1,16 @@
-"""Reconstruction after slimming: refit each layer that reads a pruned conv so its outputs match the dense net's.
+"""Reconstruction after slimming: refit slim layers by least squares so their outputs match the dense net's.
 
-For every conv (groups 1) or linear layer of the slim network whose input
-lost channels, in the order the forward pass reaches them, the inputs it now
-sees (earlier refits included) and the dense layer's outputs on the same images
-are gathered over a sample, and its weights (and bias) are solved by ridge
-least squares: W = (X^T X + lambda I)^-1 X^T Y, lambda = ridge x mean(diag X^T X),
-in float64. A layer with fewer sampled rows than unknowns is left as it was,
-with a warning.
+Which layers (``layers``): ``"downstream"`` (the default) refits every conv
+(groups 1) and linear layer from the first one that reads a pruned conv to the
+end of the forward pass, so later layers also undo the error the earlier ones
+pass on; ``"readers"`` refits only the layers whose input lost channels. In the
+order the forward pass reaches them, each layer's inputs in the slim network
+(earlier refits included) and the dense layer's outputs on the same images are
+gathered over a sample, and its weights (and bias) are solved by least squares
+with a ridge towards the weights it has: W = (X^T X + lambda I)^-1 (X^T Y +
+lambda W0), lambda = ridge x mean(diag X^T X), in float64, so a layer whose
+inputs did not change keeps its weights. A layer with fewer sampled rows than
+unknowns is left as it was, with a warning.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from ..masks.masked import Masks
 
 DEFAULT_RIDGE = 1e-3
 DEFAULT_BATCHES = 4
+LAYERS = ("downstream", "readers")
 
 
 class _Stop(Exception):
@@ -40,18 +45,21 @@ def _call_order(model: nn.Module, images: Tensor) -> List[str]:
     return order
 
 
-def _readers(dense: nn.Module, slim: nn.Module, probe: Tensor) -> List[str]:
-    """Names of the slim conv (groups 1) / linear layers with fewer input channels than their dense twins,
-    in the order a forward pass calls them; grouped convs are skipped with a warning."""
+def _targets(dense: nn.Module, slim: nn.Module, probe: Tensor, layers: str) -> List[str]:
+    """Names of the slim conv (groups 1) / linear layers to refit, in the order a forward pass calls them: those
+    with fewer input channels than their dense twins, and with ``"downstream"`` every one called after the first
+    of them too; grouped convs are skipped with a warning."""
     dense_modules = dict(dense.named_modules())
-    found = {name: m for name, m in slim.named_modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear)) and name in dense_modules
-             and m.weight.shape[1] < dense_modules[name].weight.shape[1]}
-    for name, m in found.items():
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            warnings.warn(f"reconstruct: {name} is a grouped conv; left as it was", stacklevel=3)
+    twins = {name: m for name, m in slim.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear)) and name in dense_modules}
+    readers = {name for name, m in twins.items() if m.weight.shape[1] < dense_modules[name].weight.shape[1]}
     order = {name: i for i, name in reversed(list(enumerate(_call_order(slim, probe))))}
-    return sorted((n for n, m in found.items() if not (isinstance(m, nn.Conv2d) and m.groups != 1)),
+    first = min((order.get(name, len(order)) for name in readers), default=len(order))
+    chosen = readers if layers == "readers" else {n for n in twins if first <= order.get(n, -1)} | readers
+    for name in sorted(chosen):
+        if isinstance(twins[name], nn.Conv2d) and twins[name].groups != 1:
+            warnings.warn(f"reconstruct: {name} is a grouped conv; left as it was", stacklevel=3)
+    return sorted((n for n in chosen if not (isinstance(twins[n], nn.Conv2d) and twins[n].groups != 1)),
                   key=lambda n: order.get(n, len(order)))
 
 
@@ -102,11 +110,15 @@ def _kept_outputs(masks: Masks, name: str, width: int) -> Tensor:
 
 @torch.no_grad()
 def reconstruct(dense: nn.Module, slim: nn.Module, masks: Masks, loader: Iterable,
-                batches: Optional[int] = DEFAULT_BATCHES, ridge: float = DEFAULT_RIDGE) -> List[str]:
-    """Refit, in place, every layer of ``slim`` that reads a conv ``masks`` pruned; returns the names refitted.
+                batches: Optional[int] = DEFAULT_BATCHES, ridge: float = DEFAULT_RIDGE,
+                layers: str = "downstream") -> List[str]:
+    """Refit, in place, the ``layers`` (see the module's docstring) of ``slim`` once ``masks`` pruned a conv;
+    returns the names refitted.
 
     Inputs come from ``loader`` (images, labels) batches, at most ``batches`` of them; both networks run in eval mode.
     """
+    if layers not in LAYERS:
+        raise ValueError(f"reconstruct: layers must be one of {', '.join(LAYERS)}, got {layers!r}")
     if not any(not bool(m["weight"].all()) for m in masks.values() if m.get("weight") is not None):
         return []
     was_training = slim.training
@@ -115,7 +127,7 @@ def reconstruct(dense: nn.Module, slim: nn.Module, masks: Masks, loader: Iterabl
     images = [b[0].to(device) for b, _ in zip(loader, range(batches if batches is not None else 1 << 62))]
     dense_modules, slim_modules = dict(dense.named_modules()), dict(slim.named_modules())
     refitted = []
-    for name in _readers(dense, slim, images[0][:1]):
+    for name in _targets(dense, slim, images[0][:1], layers):
         layer = slim_modules[name]
         d = layer.weight[0].numel() + (layer.bias is not None)
         gram = torch.zeros(d, d, dtype=torch.float64, device=device)
@@ -132,7 +144,11 @@ def reconstruct(dense: nn.Module, slim: nn.Module, masks: Masks, loader: Iterabl
                           "left as it was (sample more images)", stacklevel=2)
             continue
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-        solved = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype, device=device), cross).T
+        current = layer.weight.reshape(layer.weight.shape[0], -1)
+        if layer.bias is not None:
+            current = torch.cat([current, layer.bias[:, None]], dim=1)
+        solved = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype, device=device),
+                                    cross + lam * current.T.double()).T
         if layer.bias is not None:
             layer.bias.copy_(solved[:, -1].to(layer.bias.dtype))
             solved = solved[:, :-1]
