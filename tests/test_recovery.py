@@ -1,5 +1,6 @@
 """Recovery after pruning: least-squares reconstruction and distillation, on tiny real models."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,20 @@ def test_downstream_reconstruction_refits_every_layer_after_the_first_reader_and
     for name in ("0", "3"):  # before the first reader: as the pruning left them
         assert torch.equal(dict(downstream.named_modules())[name].weight, dict(readers.named_modules())[name].weight)
     assert logits_error(downstream) < logits_error(readers) < before
+
+
+def test_downstream_reconstruction_passes_over_a_depthwise_conv_without_a_warning():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    masks = to_nni_masks(dense, {"0": torch.arange(8) < 5})
+    model = slim(copy.deepcopy(dense), masks, torch.zeros(1, 3, 8, 8)).eval()
+    depthwise = model[4].weight.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reconstruct(dense, model, masks, batches()) == ["2", "6", "9"]
+    assert torch.equal(model[4].weight, depthwise)
 
 
 def test_reconstruction_refuses_an_unknown_choice_of_layers():

@@ -48,7 +48,7 @@ def _call_order(model: nn.Module, images: Tensor) -> List[str]:
 def _targets(dense: nn.Module, slim: nn.Module, probe: Tensor, layers: str) -> List[str]:
     """Names of the slim conv (groups 1) / linear layers to refit, in the order a forward pass calls them: those
     with fewer input channels than their dense twins, and with ``"downstream"`` every one called after the first
-    of them too; grouped convs are skipped with a warning."""
+    of them too; grouped convs are skipped, with a warning where one reads a pruned conv."""
     dense_modules = dict(dense.named_modules())
     twins = {name: m for name, m in slim.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear)) and name in dense_modules}
@@ -56,7 +56,7 @@ def _targets(dense: nn.Module, slim: nn.Module, probe: Tensor, layers: str) -> L
     order = {name: i for i, name in reversed(list(enumerate(_call_order(slim, probe))))}
     first = min((order.get(name, len(order)) for name in readers), default=len(order))
     chosen = readers if layers == "readers" else {n for n in twins if first <= order.get(n, -1)} | readers
-    for name in sorted(chosen):
+    for name in sorted(readers):
         if isinstance(twins[name], nn.Conv2d) and twins[name].groups != 1:
             warnings.warn(f"reconstruct: {name} is a grouped conv; left as it was", stacklevel=3)
     return sorted((n for n in chosen if not (isinstance(twins[n], nn.Conv2d) and twins[n].groups != 1)),
