@@ -60,6 +60,7 @@ from cdp_gfi.graph.sites import read_points  # noqa: E402
 from cdp_gfi.graph.trace import ModelGraph, trace  # noqa: E402
 from cdp_gfi.latency.report import compare_latency  # noqa: E402
 from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
+from cdp_gfi.runs.cli import OneLineParser  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
 from cdp_gfi.slimming.reconstruct import reconstruct  # noqa: E402
 from cdp_gfi.statistics.collect import collect_statistics  # noqa: E402
@@ -316,7 +317,7 @@ def check_paths(dataroot: Path, nets: Dict[str, Path]) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataroot", type=Path, default=DEFAULT_DATAROOT,
                    help="CIFAR-10 root holding cifar-10-batches-py/ (default ../shared/data/cifar10-jpeg, after "
                         "its to_pickle.py wrote the layout there)")
@@ -327,7 +328,9 @@ def parse_args(argv) -> argparse.Namespace:
                         "trained on)")
     p.add_argument("--cache", type=Path, default=Path("ckpt/adapted"), help="folder of adapted networks")
     p.add_argument("--targets", default="0.3,0.5", help="fractions of conv+linear MACs removed (default 0.3,0.5)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    p.add_argument("--first_seed", type=int, default=0,
+                   help="seeds first..first+N-1 (default 0), so that jobs can share a grid's seeds")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs for (b) (default 1; 0 with --quick): 0 measures "
                                               "(a) only")
     p.add_argument("--methods", default=",".join(METHODS), help=f"rows (default all): {', '.join(METHODS)}")
@@ -360,7 +363,9 @@ def main(argv=None) -> int:
         if not args.epochs:  # distillation changes (b) only
             methods = [m for m in methods if "kd" not in parse_method(m)[1]]
         targets = [0.5] if args.quick else [float(t) for t in args.targets.split(",")]
-        seeds = range(1 if args.quick else args.seeds)
+        if args.seeds < 1 or args.first_seed < 0:
+            raise ValueError(f"--seeds must be >= 1 and --first_seed >= 0, got {args.seeds}, {args.first_seed}")
+        seeds = range(1) if args.quick else range(args.first_seed, args.first_seed + args.seeds)
         splits = cifar_datasets(args.dataroot, check_integrity=False)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -78,6 +78,13 @@ def test_negative_epochs_are_one_error_line(cifar_root, checkpoint, capsys, flag
     assert len(err) == 1 and err[0].startswith("error:") and "must be >= 0" in err[0]
 
 
+@pytest.mark.parametrize("flags", [["--seeds", "0"], ["--first_seed", "-1"]])
+def test_no_seeds_or_a_negative_first_seed_are_one_error_line(cifar_root, checkpoint, capsys, flags):
+    assert bench_quality.main(["--dataroot", str(cifar_root), "--nets", f"resnet20={checkpoint}", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and flags[0] in err[0]
+
+
 def test_unknown_rows_and_recovery_on_rows_without_masks_are_refused():
     assert bench_quality.parse_method("cdp+rec+kd") == ("cdp", ("rec", "kd"))
     assert bench_quality.parse_method("nni-fpgm+rec-readers") == ("nni-fpgm", ("rec-readers",))
