@@ -215,8 +215,8 @@ def on_every_rank(check: Callable[[], T], expected: Tuple[Type[BaseException], .
     failed = [(rank, s) for rank, s in enumerate(statuses) if s is not None]
     if not failed:
         return result
-    _leave_together()
     rank = dist.get_rank()
+    _leave_together()
     if mine is not None and not status[0]:
         raise mine
     first_rank, (was_expected, message) = failed[0]
@@ -229,11 +229,15 @@ def on_every_rank(check: Callable[[], T], expected: Tuple[Type[BaseException], .
 
 def _leave_together() -> None:
     """Before every rank stops on an agreed error: one more barrier, so that rank 0 (which hosts the store) cannot
-    exit while another rank is still reading the agreement. Its own failure changes nothing: the outcome is known."""
+    exit while another rank is still reading the agreement, then leave the group. Left to the process exit, the
+    group's threads can read a connection the other rank's exit just closed, and the process aborts ("terminate
+    called without an active exception") instead of exiting 2. The barrier's own failure changes nothing: the
+    outcome is known."""
     try:
         dist.barrier(group=_control_group)
     except RuntimeError:
         pass
+    cleanup()
 
 
 def same_on_every_rank(value: Any, what: str) -> None:
@@ -244,9 +248,10 @@ def same_on_every_rank(value: Any, what: str) -> None:
     _collective(lambda: dist.all_gather_object(values, value, group=_control_group))
     other = next((rank for rank, v in enumerate(values) if v != values[0]), None)
     if other is not None:
+        report = dist.get_rank() == 0
         _leave_together()
         raise RankError(f"ranks disagree on {what}: rank 0 has {values[0]!r}, rank {other} {values[other]!r}",
-                        report=dist.get_rank() == 0)
+                        report=report)
 
 
 def from_main_rank(value: T) -> T:
@@ -276,7 +281,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group, if one was joined (after a success: a failed group is left to the process exit)."""
+    """Leave the process group, if one was joined: after a success, or once every rank agreed to stop (a group that
+    lost a peer is left to the process exit)."""
     global _control_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -118,6 +118,34 @@ def test_bad_input_on_one_rank_stops_both_with_one_error_line(imagefolder_root, 
     assert seconds < LIMIT_S and not written(out)
 
 
+# Rank 1 finds bad input; every rank must stop with the agreement made and the group left, since a group left to the
+# process exit can abort it ("terminate called without an active exception": exit -6, not 2) as the other rank exits.
+AGREE = '''
+import sys
+import torch.distributed as dist
+from cdp_gfi.distributed import RankError, init_distributed, on_every_rank
+
+info = init_distributed("cpu")
+
+def check():
+    if info.rank == 1:
+        raise ValueError("bad on rank 1")
+
+try:
+    on_every_rank(check)
+except RankError as err:
+    print(f"{err} report={err.report} joined={dist.is_initialized()}", file=sys.stderr)
+'''
+
+
+def test_an_agreed_error_leaves_the_group_on_every_rank(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    codes, errs, _ = launch([[str(script)], [str(script)]], tmp_path)
+    assert codes == [0, 0], errs
+    assert [err.strip() for err in errs] == ["rank 1: bad on rank 1 report=True joined=False",
+                                             "rank 1: bad on rank 1 report=False joined=False"], errs
+
 EVERY_RANK_BAD = {
     "path": ("--dataroot", "nowhere"),       # found after joining the group, on every rank
     "range": ("--sparsity", "1.5"),          # found before joining
