@@ -11,7 +11,9 @@ Recovery is a row suffix: ``+rec`` refits every layer from the first one
 reading a pruned conv on by least squares (``cdp_gfi.slimming.reconstruct``,
 the default ``downstream``) before (a), ``+rec-readers`` only the layers
 reading pruned convs (the earlier default); ``+kd`` fine-tunes
-with the dense network as teacher (``cdp_gfi.train.distill``), (b) only. Seeds
+with the dense network as teacher (``cdp_gfi.train.distill``), (b) only; its
+temperature and weight go in the row's ``distill`` column (``none`` without
+``+kd``), and rows of another distillation setting are not taken as done. Seeds
 change the statistics sample, Taylor's batches, the BN batches, the
 reconstruction sample and the fine-tuning order.
 
@@ -193,6 +195,7 @@ class Bench:
                         layers="readers" if "rec-readers" in recovery else "downstream")
         prune_s = time.perf_counter() - started
         a, b, a_s = self.measure(model, recalibrate=base != "dense", distill="kd" in recovery)
+        distill = distill_label(recovery, self.distill)
         a_s += prune_s
         latency = {f"latency_b{n}_pct": 0.0 for n in LATENCY_BATCHES}
         if base != "dense":  # after measuring: its random inputs leave the rows' seeds alone
@@ -200,7 +203,7 @@ class Bench:
             latency = {f"latency_b{n}_pct": cut[f"latency_reduction_pct_b{n}"] for n in LATENCY_BATCHES}
         macs = count_flops(model, SIZE)[0]
         return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
-                    seed=self.seed, macs_removed_pct=100 * (1 - macs / self.dense_macs), **latency,
+                    seed=self.seed, distill=distill, macs_removed_pct=100 * (1 - macs / self.dense_macs), **latency,
                     dense_top1=self.base_top1,
                     top1_a=a, top1_b=b, epochs=self.epochs, prune_s=prune_s, a_s=a_s,
                     total_s=time.perf_counter() - started, load_1min=os.getloadavg()[0])
@@ -246,9 +249,35 @@ def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
     return factory
 
 
+def distill_label(recovery: Tuple[str, ...], distill: Tuple[float, float]) -> str:
+    """A row's ``distill`` column: ``T=4,W=0.9`` for a ``+kd`` row (temperature, weight), else ``none``."""
+    return f"T={distill[0]:g},W={distill[1]:g}" if "kd" in recovery else "none"
+
+
+def with_distill(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``distill`` column: a CSV written before it had one says ``unknown`` for its ``+kd`` rows,
+    whose setting was not recorded, and ``none`` for the others."""
+    if "distill" in rows or not len(rows):
+        return rows
+    return rows.assign(distill=["unknown" if "kd" in parse_method(m)[1] else "none" for m in rows["method"]])
+
+
+def pending(rows: pd.DataFrame, runs: List[Tuple[str, int, float, str]], distill: Tuple[float, float],
+            need_b: bool) -> List[Tuple[str, int, float, str]]:
+    """The (net, seed, target, method) runs not already in ``rows`` (``with_distill``'s) with this distillation
+    setting, and with (b) when ``need_b``."""
+    if not len(rows):
+        return list(dict.fromkeys(runs))
+    rows = rows if not need_b else rows[rows["top1_b"].notna()]
+    done = set(zip(rows["net"], rows["method"], rows["target_pct"], rows["seed"], rows["distill"]))
+    return [run for run in dict.fromkeys(runs)
+            if (run[0], run[3], 100 * run[2], run[1], distill_label(parse_method(run[3])[1], distill)) not in done]
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and seed count of both measures, per network, target and row (table order kept)."""
-    grouped = rows.groupby(["net", "target_pct", "method"], sort=False)
+    """Mean, std and seed count of both measures, per network, target, row and distillation setting (table order
+    kept)."""
+    grouped = rows.groupby(["net", "target_pct", "method", "distill"], sort=False)
     latency = {c: (c, "mean") for c in rows.columns if c.startswith("latency_")}
     out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), **latency,
                       a_mean=("top1_a", "mean"), a_std=("top1_a", "std"), a_seeds=("top1_a", "count"),
@@ -264,6 +293,9 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = list(summary.groupby(["net", "target_pct"], sort=False).groups)
+    settings = summary.groupby("method")["distill"].nunique()
+    summary = summary.assign(method=[m if settings[m] == 1 else f"{m} ({d})"
+                                     for m, d in zip(summary["method"], summary["distill"])])
     methods = list(dict.fromkeys(summary["method"]))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(cases) * len(methods) / 4), 8), sharex=True)
     width = 0.8 / len(methods)
@@ -372,25 +404,18 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "bench_quality.csv"
-    rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
-    key = ["net", "method", "target_pct", "seed"]
-    finished = rows[rows["top1_b"].notna()] if len(rows) and args.epochs else rows
-    done = set(zip(*(finished[k] for k in key))) if len(finished) else set()  # (a)-only rows get (b) too
+    rows = with_distill(pd.read_csv(csv)) if args.resume and csv.exists() else pd.DataFrame()
+    key = ["net", "method", "target_pct", "seed", "distill"]
     started = time.perf_counter()
-    todo: List[Tuple[str, int, float, str]] = []
-    for n in nets:
-        for s in seeds:
-            for t in targets:
-                for m in methods:
-                    t_row = 0.0 if m == "dense" else t
-                    if (n, m, 100 * t_row, s) not in done and (n, s, t_row, m) not in todo:
-                        todo.append((n, s, t_row, m))
+    distill = (args.distill_temperature, args.distill_weight)
+    todo = pending(rows, [(n, s, 0.0 if m == "dense" else t, m) for n in nets for s in seeds for t in targets
+                          for m in methods], distill, need_b=bool(args.epochs))  # (a)-only rows get (b) too
     bench, test = None, make_loader(splits[2], 256, shuffle=False)
     loads = []
     for net, seed, target, method in tqdm(todo, desc="bench_quality"):
         if bench is None or (bench.name, bench.seed) != (net, seed):
             base, _ = adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
-            bench = Bench(net, base, splits, seed, args.epochs, (args.distill_temperature, args.distill_weight))
+            bench = Bench(net, base, splits, seed, args.epochs, distill)
         row = bench.run(method, target)
         loads.append(row["load_1min"])
         if len(rows):

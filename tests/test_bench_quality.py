@@ -109,3 +109,21 @@ def test_the_equal_latency_bench_refuses_bad_input_in_one_line(cifar_root, check
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and named in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_takes_a_row_as_done_only_with_the_same_distillation_setting():
+    import pandas as pd
+
+    rows = pd.DataFrame({"net": ["resnet20"] * 3, "method": ["cdp+rec+kd", "cdp", "gfi-ap+kd"],
+                         "target_pct": [30.0] * 3, "seed": [0] * 3, "distill": ["T=4,W=0.9", "none", "T=4,W=1"],
+                         "top1_b": [86.0, float("nan"), 85.0]})
+    runs = [("resnet20", 0, 0.3, "cdp+rec+kd"), ("resnet20", 0, 0.3, "cdp"), ("resnet20", 0, 0.3, "gfi-ap+kd")]
+    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=True) == runs[1:]  # (a) only: (b) still to do
+    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=False) == runs[2:]
+    assert bench_quality.pending(rows, runs, (4.0, 1.0), need_b=True) == [runs[0], runs[1]]
+    unrecorded = bench_quality.with_distill(rows.drop(columns="distill"))  # a CSV from before the column
+    assert list(unrecorded["distill"]) == ["unknown", "none", "unknown"]
+    assert bench_quality.pending(unrecorded, runs, (4.0, 0.9), need_b=False) == [runs[0], runs[2]]
+    summary = bench_quality.summarize(pd.concat([rows, rows.assign(distill="T=2,W=0.9", seed=1)]).assign(
+        macs_removed_pct=30.0, top1_a=50.0, total_s=1.0, load_1min=1.0))
+    assert len(summary) == 6 and set(summary["distill"]) == {"T=4,W=0.9", "none", "T=4,W=1", "T=2,W=0.9"}
