@@ -287,39 +287,49 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(summary: pd.DataFrame, path: Path) -> None:
-    """Grouped bars: top-1 after BN re-estimation (a) and after fine-tuning (b), per network and target."""
+    """One panel per network and target, (a) above (b): a horizontal bar per row (mean, std over seeds), the
+    dense network as a dashed line; rows not measured in a panel are left out of it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(summary.groupby(["net", "target_pct"], sort=False).groups)
     settings = summary.groupby("method")["distill"].nunique()
     summary = summary.assign(method=[m if settings[m] == 1 else f"{m} ({d})"
                                      for m, d in zip(summary["method"], summary["distill"])])
-    methods = list(dict.fromkeys(summary["method"]))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(cases) * len(methods) / 4), 8), sharex=True)
-    width = 0.8 / len(methods)
-    colors = plt.get_cmap("tab20")(range(len(methods)))
-    for ax, (col, title) in zip(axes, (("a", "(a) after pruning + BN re-estimation"),
-                                       ("b", "(b) after one epoch of fine-tuning (missing bars: not measured)"))):
-        for j, method in enumerate(methods):
-            part = summary[summary["method"] == method].set_index(["net", "target_pct"])
-            xs = [i + j * width for i, case in enumerate(cases) if case in part.index]
-            vals = [part.loc[case, f"{col}_mean"] for case in cases if case in part.index]
-            errs = [part.loc[case, f"{col}_std"] for case in cases if case in part.index]
-            ax.bar(xs, vals, width, yerr=[0 if pd.isna(e) else e for e in errs], label=method, capsize=2,
-                   color=colors[j])
-        measured = summary[f"{col}_mean"].dropna()
-        if len(measured):
-            ax.set_ylim(max(0.0, float(measured.min()) - 10), 100)
-        ax.set_ylabel("top-1 %")
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    axes[1].set_xticklabels([f"{net}\n{pct:g}% MACs removed" if pct else f"{net}\ndense" for net, pct in cases])
-    axes[0].legend(fontsize=7, ncol=4)
+    dense = summary[summary["target_pct"] == 0].set_index("net")
+    pruned = summary[summary["target_pct"] != 0]
+    cases = list(pruned.groupby(["net", "target_pct"], sort=False).groups) or [(None, None)]
+    methods = list(dict.fromkeys(pruned["method"]))
+    measured = {col: [m for m in methods if pruned.loc[pruned["method"] == m, f"{col}_mean"].notna().any()]
+                for col in ("a", "b")}
+    fig, axes = plt.subplots(2, len(cases), squeeze=False, sharey="row", gridspec_kw={
+        "height_ratios": [max(1, len(measured["a"])), max(1, len(measured["b"]))]},
+        figsize=(3.6 * len(cases) + 2.5, 0.2 * (len(measured["a"]) + len(measured["b"])) + 3))
+    for row, (col, title) in enumerate((("a", "(a) pruned + BN re-estimated"), ("b", "(b) + one epoch of fine-tuning"))):
+        rows = measured[col]
+        for ax, (net, pct) in zip(axes[row], cases):
+            part = pruned[(pruned["net"] == net) & (pruned["target_pct"] == pct)].set_index("method")
+            shown = [m for m in rows if m in part.index and pd.notna(part.loc[m, f"{col}_mean"])]
+            ys = [rows.index(m) for m in shown]
+            vals = [part.loc[m, f"{col}_mean"] for m in shown]
+            errs = [0 if pd.isna(part.loc[m, f"{col}_std"]) else part.loc[m, f"{col}_std"] for m in shown]
+            ax.barh(ys, vals, xerr=errs, color=["tab:orange" if m.split("+")[0] in ("cdp", "gfi-ap") else "tab:blue"
+                                                for m in shown], capsize=2)
+            if net in dense.index and pd.notna(dense.loc[net, f"{col}_mean"]):
+                ax.axvline(dense.loc[net, f"{col}_mean"], color="k", ls="--", lw=1, label="dense")
+            if vals:
+                ax.set_xlim(max(0.0, min(vals) - 5), max(vals + [dense.loc[net, f"{col}_mean"]
+                                                                 if net in dense.index else 0]) + 2)
+            ax.set_title(f"{title}\n{net}, {pct:g}% of MACs removed" if net else title, fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_xlabel("top-1 % (held out)", fontsize=8)
+        axes[row][0].set_yticks(range(len(rows)))
+        axes[row][0].set_yticklabels(rows, fontsize=7)
+        axes[row][0].set_ylim(len(rows) - 0.5, -0.5)
+    fig.suptitle("orange: our defaults (cdp, gfi-ap), with or without recovery; blue: every other row; dashed: the "
+                 "dense network (in (b) fine-tuned the same way)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
