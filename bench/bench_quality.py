@@ -25,7 +25,8 @@ reconstruction sample and the fine-tuning order.
 Each row also carries the CPU latency the slim network saves against the dense
 one at batch 1 and 128 (``latency_b*_pct``, ``compare_latency`` as run summaries
 report it, on the bench's threads; the row's load says how busy the machine was). Rows are appended to
-<out>/bench_quality.csv as they finish; --resume skips
+<out>/bench_quality.csv as they finish, each in place of a row of the same network, method, target, seed and
+distillation setting; rows of other runs sharing the folder are kept. --resume skips
 the ones already there. The summary (mean and std over seeds, seed counts) goes
 to <out>/bench_quality_summary.csv and the plot to <out>/bench_quality.png.
 """
@@ -38,6 +39,7 @@ import sys
 import time
 import warnings
 import dataclasses
+import fcntl
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -274,6 +276,24 @@ def pending(rows: pd.DataFrame, runs: List[Tuple[str, int, float, str]], distill
             if (run[0], run[3], 100 * run[2], run[1], distill_label(parse_method(run[3])[1], distill)) not in done]
 
 
+ROW_KEY = ["net", "method", "target_pct", "seed", "distill"]
+
+
+def add_row(csv: Path, row: Dict[str, object]) -> pd.DataFrame:
+    """Write ``row`` into ``csv`` in place of any row with its key, merged into what the file holds now (under a
+    lock, written whole then renamed), so runs sharing an ``--out`` keep each other's rows; all rows after it."""
+    with open(csv.parent / f".{csv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = with_distill(pd.read_csv(csv)) if csv.exists() else pd.DataFrame()
+        if len(rows):
+            rows = rows[~(rows[ROW_KEY] == pd.Series({k: row[k] for k in ROW_KEY})).all(axis=1)]
+        rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
+        partial = csv.parent / f".{csv.name}.partial"
+        rows.to_csv(partial, index=False)
+        os.replace(partial, csv)
+    return rows
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean, std and seed count of both measures, per network, target, row and distillation setting (table order
     kept)."""
@@ -415,7 +435,6 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "bench_quality.csv"
     rows = with_distill(pd.read_csv(csv)) if args.resume and csv.exists() else pd.DataFrame()
-    key = ["net", "method", "target_pct", "seed", "distill"]
     started = time.perf_counter()
     distill = (args.distill_temperature, args.distill_weight)
     todo = pending(rows, [(n, s, 0.0 if m == "dense" else t, m) for n in nets for s in seeds for t in targets
@@ -428,10 +447,7 @@ def main(argv=None) -> int:
             bench = Bench(net, base, splits, seed, args.epochs, distill)
         row = bench.run(method, target)
         loads.append(row["load_1min"])
-        if len(rows):
-            rows = rows[~(rows[key] == pd.Series({k: row[k] for k in key})).all(axis=1)]
-        rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
-        rows.to_csv(csv, index=False)
+        rows = add_row(csv, row)
         tqdm.write(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     if not len(rows):
         print("nothing to do")

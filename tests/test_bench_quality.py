@@ -127,3 +127,20 @@ def test_resume_takes_a_row_as_done_only_with_the_same_distillation_setting():
     summary = bench_quality.summarize(pd.concat([rows, rows.assign(distill="T=2,W=0.9", seed=1)]).assign(
         macs_removed_pct=30.0, top1_a=50.0, total_s=1.0, load_1min=1.0))
     assert len(summary) == 6 and set(summary["distill"]) == {"T=4,W=0.9", "none", "T=4,W=1", "T=2,W=0.9"}
+
+
+def test_runs_sharing_an_out_folder_keep_each_others_rows(tmp_path):
+    """Two runs appending in turn (each with only its own rows in memory) lose nothing; a re-run row replaces its
+    own key only."""
+    import pandas as pd
+
+    csv = tmp_path / "bench_quality.csv"
+    row = dict(net="resnet20", method="cdp", target_pct=30.0, seed=0, distill="none", top1_a=70.0, top1_b=85.0)
+    bench_quality.add_row(csv, row)                                        # run 1
+    bench_quality.add_row(csv, {**row, "net": "resnet32"})                 # run 2, started before run 1 wrote
+    bench_quality.add_row(csv, {**row, "seed": 1})                         # run 1 again
+    rows = bench_quality.add_row(csv, {**row, "top1_b": 86.0})             # run 2 re-measures run 1's first row
+    assert rows.equals(pd.read_csv(csv)) and len(rows) == 3
+    assert sorted(zip(rows["net"], rows["seed"], rows["top1_b"])) == [("resnet20", 0, 86.0), ("resnet20", 1, 85.0),
+                                                                      ("resnet32", 0, 85.0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bench_quality.csv.lock", "bench_quality.csv"]
