@@ -251,6 +251,9 @@ def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
     return factory
 
 
+ROW_KEY = ["net", "method", "target_pct", "seed", "distill"]  # one row of the CSV per key
+
+
 def distill_label(recovery: Tuple[str, ...], distill: Tuple[float, float]) -> str:
     """A row's ``distill`` column: ``T=4,W=0.9`` for a ``+kd`` row (temperature, weight), else ``none``."""
     return f"T={distill[0]:g},W={distill[1]:g}" if "kd" in recovery else "none"
@@ -271,12 +274,9 @@ def pending(rows: pd.DataFrame, runs: List[Tuple[str, int, float, str]], distill
     if not len(rows):
         return list(dict.fromkeys(runs))
     rows = rows if not need_b else rows[rows["top1_b"].notna()]
-    done = set(zip(rows["net"], rows["method"], rows["target_pct"], rows["seed"], rows["distill"]))
+    done = set(zip(*(rows[k] for k in ROW_KEY)))
     return [run for run in dict.fromkeys(runs)
             if (run[0], run[3], 100 * run[2], run[1], distill_label(parse_method(run[3])[1], distill)) not in done]
-
-
-ROW_KEY = ["net", "method", "target_pct", "seed", "distill"]
 
 
 def add_row(csv: Path, row: Dict[str, object]) -> pd.DataFrame:
