@@ -3,9 +3,9 @@
 Per network (adapted to the JPEG CIFAR-10 as in ``bench_quality.py``), seed
 and criterion (default CDP and GFI-AP), the criterion's scores select (1) for
 ``--target`` of measured latency removed (``select_for_latency`` on the CPU at
-``--latency_batch``), and (2) for a MACs target bisected until that network's
-measured latency reduction equals (1)'s within ``--tolerance``: equal latency,
-so only where the two spend it differs. Both are then timed beside the dense
+``--latency_batch``), and (2) for a MACs target bisected until that network,
+timed in alternation with (1), is as fast within ``--tolerance`` (of the dense
+latency): equal latency, so only where the two spend it differs. Both are then timed beside the dense
 network ``--runs`` times at batch 1 and ``--latency_batch`` (the median, min
 and max reduction), and measured on the 5,000 held-out test images after
 BatchNorm re-estimation (a) and after ``--epochs`` of fine-tuning (b), with
@@ -47,6 +47,7 @@ from cdp_gfi.masks.select import Keep  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
 
 KINDS = ("latency-targeted", "MACs-targeted")
+MATCH = "side by side"  # how the MACs target's latency was matched (rows before it: "against dense")
 
 
 def slim_of(bench: Bench, keep: Keep) -> nn.Module:
@@ -56,8 +57,9 @@ def slim_of(bench: Bench, keep: Keep) -> nn.Module:
 
 def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, timer: BenchmarkTimer,
                        tolerance: float, cache_dir: Path, order: str = "auto") -> Dict[str, object]:
-    """(1) ``method``'s selection for ``target`` of measured latency; (2) its MACs-targeted selection whose measured
-    reduction matches (1)'s (regula falsi on the MACs target, at most 6 tries); both keeps and how they were found."""
+    """(1) ``method``'s selection for ``target`` of measured latency; (2) its MACs-targeted selection as fast as (1)
+    side by side (``matched_try``; regula falsi on the MACs target, at most 6 tries); both keeps and how they were
+    found."""
     kind, variant = ours(method)
     units = prunable_units(bench.graph, "internal")
     scores, tie = scores_from_statistics(bench.statistics(variant.site), kind, variant.cdp_mode, None, bench.scope)
@@ -75,7 +77,8 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
             tqdm.write(f"{bench.name} {method}: {err}; selecting again")
     wanted = found.measured
     example = torch.randn(batch, *SIZE)
-    macs_of_latency = 1.0 - count_flops(slim_of(bench, found.keep), SIZE)[0] / bench.dense_macs
+    latency_slim = slim_of(bench, found.keep)
+    macs_of_latency = 1.0 - count_flops(latency_slim, SIZE)[0] / bench.dense_macs
     tries: List[Try] = []
     ask = macs_of_latency
 
@@ -91,15 +94,31 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
 
     for _ in range(6):
         keep = by_macs(ask)
-        dense_s, slim_s = time_pair(bench.base, slim_of(bench, keep), example, timer)
-        tries.append(Try(ask, 1.0 - slim_s / dense_s, keep, dense_s, slim_s))
+        tries.append(matched_try(ask, keep, found.keep, latency_slim, slim_of(bench, keep), wanted, example, timer))
         if abs(tries[-1].measured - wanted) <= tolerance:
             break
         ask = min(max(next_ask(tries, wanted), 0.01), 0.95)  # the selection's own correction, over MACs targets
     best = min(tries, key=lambda t: abs(t.measured - wanted))
     return {"keeps": {KINDS[0]: found.keep, KINDS[1]: best.keep}, "selection_pct": 100 * wanted,
             "macs_match_pct": 100 * best.measured, "macs_tries": len(tries), "latency_tries": len(found.tries),
-            "order": found.order}
+            "order": found.order, "match": MATCH}
+
+
+def same_keep(a: Keep, b: Keep) -> bool:
+    """Whether two selections keep the same filters of every conv (then they are one network)."""
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def matched_try(ask: float, keep: Keep, latency_keep: Keep, latency_slim: nn.Module, slim: nn.Module, wanted: float,
+                example: torch.Tensor, timer: BenchmarkTimer) -> Try:
+    """One MACs target's try, its latency reduction measured through the latency-targeted network's: the two slim
+    networks timed in alternation (``time_pair``), so equal latency is one side-by-side ratio, not two reductions
+    against the dense network timed minutes apart (each off by the load's drift). The same selection is the same
+    network: its reduction is ``wanted`` without timing."""
+    if same_keep(keep, latency_keep):
+        return Try(ask, wanted, keep, float("nan"), float("nan"))
+    latency_s, slim_s = time_pair(latency_slim, slim, example, timer)
+    return Try(ask, 1.0 - (1.0 - wanted) * slim_s / latency_s, keep, latency_s, slim_s)
 
 
 def reductions(nets: Dict[str, nn.Module], batch: int, timer: BenchmarkTimer, runs: int) -> Dict[str, List[float]]:
@@ -156,10 +175,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = pd.read_csv(csv) if args.resume and csv.exists() else pd.DataFrame()
     if len(rows) and "latency_order" not in rows:  # rows of the greedy before there was a choice
         rows["latency_order"] = "greedy"
-    done = set(zip(rows["net"], rows["seed"], rows["method"], rows["latency_order"])) if len(rows) else set()
+    if len(rows):
+        rows["match"] = rows["match"].fillna("against dense") if "match" in rows else "against dense"
+    done = (set(zip(rows["net"], rows["seed"], rows["method"], rows["latency_order"], rows["match"]))
+            if len(rows) else set())
     test = make_loader(splits[2], 256, shuffle=False)
     todo = [(n, s, m) for n in nets for s in range(args.seeds) for m in methods
-            if (n, s, m, args.latency_order) not in done]
+            if (n, s, m, args.latency_order, MATCH) not in done]
     for net, seed, method in tqdm(todo, desc="bench_latency_quality"):
         base, _ = adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
         bench = Bench(net, base, splits, seed, args.epochs, (4.0, 0.5))
@@ -189,9 +211,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not len(rows):
         print("nothing to do")
         return 0
-    wide = rows.pivot_table(index=["latency_order", "net", "method"], columns="network",
-                            values="top1_b" if args.epochs else "top1_a", aggfunc="mean")
-    gaps = ", ".join(f"{o} {n} {m} {v:+.2f}" for (o, n, m), v in (wide[KINDS[0]] - wide[KINDS[1]]).items())
+    matched = rows[rows["match"] == MATCH]
+    wide = matched.pivot_table(index=["latency_order", "net", "method"], columns="network",
+                               values="top1_b" if args.epochs else "top1_a", aggfunc="mean")
+    gaps = ", ".join(f"{o} {n} {m} {v:+.2f}" for (o, n, m), v in (wide[KINDS[0]] - wide[KINDS[1]]).items()
+                     ) if set(KINDS) <= set(wide.columns) else "no pair matched side by side yet"
     print(f"{len(rows)} rows in {csv}; latency-targeted minus MACs-targeted top-1 at equal latency "
           f"({'(b)' if args.epochs else '(a)'}, mean over seeds): {gaps}")
     return 0

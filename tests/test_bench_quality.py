@@ -111,6 +111,29 @@ def test_the_equal_latency_bench_refuses_bad_input_in_one_line(cifar_root, check
     assert not (tmp_path / "out").exists()
 
 
+def test_the_macs_target_is_matched_side_by_side_with_the_latency_targeted_network():
+    """Equal latency is one ratio of the two slim networks timed in alternation; one selection is one network."""
+    class Width:  # deterministic seconds: a network's parameter count
+        name = "params"
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, module, x):
+            self.calls += 1
+            return float(sum(p.numel() for p in module.parameters()))
+
+    fast, slow = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 8, 3)   # 112 and 224 parameters
+    keep = {"conv": torch.tensor([True, False])}
+    timer, x = Width(), torch.zeros(1, 3, 8, 8)
+    same = bench_latency_quality.matched_try(0.3, {"conv": keep["conv"].clone()}, keep, fast, slow, 0.25, x, timer)
+    assert same.measured == 0.25 and timer.calls == 0
+    other = bench_latency_quality.matched_try(0.3, {"conv": torch.tensor([True, True])}, keep, fast, slow, 0.25, x,
+                                              timer)
+    assert other.measured == pytest.approx(1 - 0.75 * 2) and timer.calls == 6   # twice as slow: 3 rounds of 2
+    assert other.asked == 0.3 and torch.equal(other.keep["conv"], torch.tensor([True, True]))
+
+
 def test_resume_takes_a_row_as_done_only_with_the_same_distillation_setting():
     import pandas as pd
 
