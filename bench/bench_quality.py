@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import os
 import sys
 import time
@@ -42,7 +43,7 @@ import dataclasses
 import fcntl
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -100,6 +101,7 @@ RECOVERY = ("rec", "rec-readers", "kd")
 BASES = ("dense", *OURS, *OTHERS)
 METHODS = (*BASES, *(f"{m}+{r}" for r in ("rec", "kd", "rec+kd") for m in ("cdp", "gfi-ap", PEER)))
 MAIN = ("dense", "cdp", "gfi-ap", PEER, "l1-layernorm", "tp-global", "cdp+rec", "gfi-ap+rec", f"{PEER}+rec")
+MAIN_B = tuple(f"{m}+kd" if m.endswith("+rec") else m for m in MAIN)  # with (b): the recovery as it ships
 
 
 def ours(base: str) -> Optional[Tuple[str, Variant]]:
@@ -279,6 +281,44 @@ def pending(rows: pd.DataFrame, runs: List[Tuple[str, int, float, str]], distill
             if (run[0], run[3], 100 * run[2], run[1], distill_label(parse_method(run[3])[1], distill)) not in done]
 
 
+_WORKER: Dict[str, object] = {}  # one process's setup (``start_worker``) and its current Bench
+
+
+def start_worker(setup: Dict[str, object], threads: int) -> None:
+    """A row runner's setup (nets, data root, recipe, distillation); ``threads`` torch threads in this process."""
+    torch.set_num_threads(threads)
+    _WORKER.clear()
+    _WORKER.update(setup=setup)
+
+
+def run_row(run: Tuple[str, int, float, str]) -> Dict[str, object]:
+    """One (net, seed, target, method) row in this process; its Bench (data, statistics) is kept while the next
+    row has the same network and seed."""
+    net, seed, target, method = run
+    setup = _WORKER["setup"]
+    if "splits" not in _WORKER:
+        _WORKER["splits"] = cifar_datasets(setup["dataroot"], check_integrity=False)
+    bench = _WORKER.get("bench")
+    if bench is None or (bench.name, bench.seed) != (net, seed):
+        splits = _WORKER["splits"]
+        base, _ = adapted(net, setup["nets"][net], splits, make_loader(splits[2], 256, shuffle=False),
+                          setup["adapt_epochs"], setup["dataroot"], setup["cache"])
+        bench = _WORKER["bench"] = Bench(net, base, splits, seed, setup["epochs"], setup["distill"])
+    return bench.run(method, target)
+
+
+def run_rows(todo: List[Tuple[str, int, float, str]], setup: Dict[str, object], jobs: int) -> Iterator[Dict]:
+    """The rows of ``todo`` as they finish: in this process, or in ``jobs`` spawned ones of one share of the torch
+    threads each, taking the next row as they free up (each row is seeded by itself, so the rows are the same)."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    if jobs == 1:
+        start_worker(setup, threads)
+        yield from map(run_row, todo)
+        return
+    with multiprocessing.get_context("spawn").Pool(jobs, start_worker, (setup, threads)) as pool:
+        yield from pool.imap_unordered(run_row, todo)
+
+
 def add_row(csv: Path, row: Dict[str, object]) -> pd.DataFrame:
     """Write ``row`` into ``csv`` in place of any row with its key, merged into what the file holds now (under a
     lock, written whole then renamed), so runs sharing an ``--out`` keep each other's rows; all rows after it."""
@@ -402,6 +442,9 @@ def parse_args(argv) -> argparse.Namespace:
                    help=f"weight of the soft term in the +kd rows (default {DEFAULT_WEIGHT:g})")
     p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows, (a) only unless "
                                                         "--epochs is given")
+    p.add_argument("--jobs", type=int,
+                   help="processes running rows side by side, each with its share of the torch threads (default 1; "
+                        "2 with --quick)")
     p.add_argument("--resume", action="store_true", help="keep rows already in <out>/bench_quality.csv")
     p.add_argument("--out", type=Path, default=Path("readme"), help="folder for CSVs and the plot (default readme)")
     return p.parse_args(argv)
@@ -411,15 +454,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.epochs is None:
         args.epochs = 0 if args.quick else 1
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
+        if args.jobs is None:
+            args.jobs = 2 if args.quick else 1
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         if args.adapt_epochs < 0 or args.epochs < 0:
             raise ValueError(f"--adapt_epochs and --epochs must be >= 0, got {args.adapt_epochs}, {args.epochs}")
         nets = parse_nets(args.nets)
         if args.quick:
             nets = {k: v for k, v in nets.items() if k == "resnet20"} or dict(list(nets.items())[:1])
         check_paths(args.dataroot, nets)
-        methods = list(MAIN if args.quick else args.methods.split(","))
+        methods = list((MAIN_B if args.epochs else MAIN) if args.quick else args.methods.split(","))
         for method in methods:
             parse_method(method)
         if not args.epochs:  # distillation changes (b) only
@@ -439,13 +485,13 @@ def main(argv=None) -> int:
     distill = (args.distill_temperature, args.distill_weight)
     todo = pending(rows, [(n, s, 0.0 if m == "dense" else t, m) for n in nets for s in seeds for t in targets
                           for m in methods], distill, need_b=bool(args.epochs))  # (a)-only rows get (b) too
-    bench, test = None, make_loader(splits[2], 256, shuffle=False)
+    test = make_loader(splits[2], 256, shuffle=False)
+    for net in dict.fromkeys(run[0] for run in todo):  # adapted here once, so that workers only read the cache
+        adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
+    setup = dict(nets=nets, dataroot=args.dataroot, adapt_epochs=args.adapt_epochs, cache=args.cache,
+                 epochs=args.epochs, distill=distill)
     loads = []
-    for net, seed, target, method in tqdm(todo, desc="bench_quality"):
-        if bench is None or (bench.name, bench.seed) != (net, seed):
-            base, _ = adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
-            bench = Bench(net, base, splits, seed, args.epochs, distill)
-        row = bench.run(method, target)
+    for row in tqdm(run_rows(todo, setup, args.jobs), total=len(todo), desc="bench_quality"):
         loads.append(row["load_1min"])
         rows = add_row(csv, row)
         tqdm.write(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -456,8 +502,8 @@ def main(argv=None) -> int:
     summary.to_csv(args.out / "bench_quality_summary.csv", index=False)
     plot(summary, args.out / "bench_quality.png")
     print(summary.to_string(index=False))
-    print(f"\n{len(todo)} runs in {(time.perf_counter() - started) / 60:.1f} min on {torch.get_num_threads()} "
-          f"thread(s), 1-min load {min(loads, default=float('nan')):.1f}-{max(loads, default=float('nan')):.1f}; "
+    print(f"\n{len(todo)} runs in {(time.perf_counter() - started) / 60:.1f} min in {args.jobs} process(es) of "
+          f"{max(1, torch.get_num_threads() // args.jobs)} thread(s), 1-min load {min(loads, default=float('nan')):.1f}-{max(loads, default=float('nan')):.1f}; "
           "dense top-1 on the held-out images: " +
           ", ".join(f"{n} {v:.2f}%" for n, v in rows.groupby("net")["dense_top1"].first().items()))
     return 0

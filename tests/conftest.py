@@ -23,19 +23,30 @@ def _cifar_batch(rng: np.random.Generator, per_class: int) -> dict:
             "filenames": [f"img_{i}.png" for i in range(len(labels))]}
 
 
-@pytest.fixture(scope="session")
-def cifar_root(tmp_path_factory) -> Path:
-    """A CIFAR-10 root with the official `cifar-10-batches-py` layout: 5 train batches x 30 images, 20 test images."""
-    root = tmp_path_factory.mktemp("cifar")
+def _cifar_root(root: Path, per_class: int) -> Path:
+    """``root`` with the official `cifar-10-batches-py` layout: 5 train batches of ``per_class`` images a class,
+    2 test images a class."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for b in range(1, 6):
-        _write_pickle(folder / f"data_batch_{b}", _cifar_batch(rng, per_class=3))
+        _write_pickle(folder / f"data_batch_{b}", _cifar_batch(rng, per_class=per_class))
     _write_pickle(folder / "test_batch", _cifar_batch(rng, per_class=2))
-    _write_pickle(folder / "batches.meta", {"label_names": CIFAR_CLASSES, "num_cases_per_batch": 30,
+    _write_pickle(folder / "batches.meta", {"label_names": CIFAR_CLASSES, "num_cases_per_batch": 10 * per_class,
                                             "num_vis": 3072})
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A CIFAR-10 root with the official `cifar-10-batches-py` layout: 5 train batches x 30 images, 20 test images."""
+    return _cifar_root(tmp_path_factory.mktemp("cifar"), per_class=3)
+
+
+@pytest.fixture(scope="session")
+def cifar_root_2600(tmp_path_factory) -> Path:
+    """The same layout with 2,600 training images: the 20 batches of 128 the quality bench reads."""
+    return _cifar_root(tmp_path_factory.mktemp("cifar2600"), per_class=52)
 
 
 @pytest.fixture(scope="session")

@@ -167,3 +167,16 @@ def test_runs_sharing_an_out_folder_keep_each_others_rows(tmp_path):
     assert sorted(zip(rows["net"], rows["seed"], rows["top1_b"])) == [("resnet20", 0, 86.0), ("resnet20", 1, 85.0),
                                                                       ("resnet32", 0, 85.0)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".bench_quality.csv.lock", "bench_quality.csv"]
+
+
+def test_rows_run_in_two_worker_processes_equal_the_rows_run_in_one(cifar_root_2600, checkpoint, tmp_path):
+    import pandas as pd
+
+    common = ["--dataroot", str(cifar_root_2600), "--nets", f"resnet20={checkpoint}", "--adapt_epochs", "0",
+              "--epochs", "0", "--targets", "0.3", "--seeds", "1", "--methods", "gfi-ap,l1-layernorm"]
+    assert bench_quality.main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert bench_quality.main([*common, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = (pd.read_csv(tmp_path / name / "bench_quality.csv").set_index("method").sort_index()
+                for name in ("one", "two"))
+    assert len(one) == 2 and one["top1_a"].notna().all()
+    pd.testing.assert_frame_equal(one[["macs_removed_pct", "top1_a"]], two[["macs_removed_pct", "top1_a"]])
