@@ -284,11 +284,12 @@ def pending(rows: pd.DataFrame, runs: List[Tuple[str, int, float, str]], distill
 _WORKER: Dict[str, object] = {}  # one process's setup (``start_worker``) and its current Bench
 
 
-def start_worker(setup: Dict[str, object], threads: int) -> None:
-    """A row runner's setup (nets, data root, recipe, distillation); ``threads`` torch threads in this process."""
+def start_worker(setup: Dict[str, object], threads: int, splits=None) -> None:
+    """A row runner's setup (nets, data root, recipe, distillation); ``threads`` torch threads in this process;
+    the data splits where this process has them already (else read from the data root at the first row)."""
     torch.set_num_threads(threads)
     _WORKER.clear()
-    _WORKER.update(setup=setup)
+    _WORKER.update(setup=setup, **({"splits": splits} if splits is not None else {}))
 
 
 def run_row(run: Tuple[str, int, float, str]) -> Dict[str, object]:
@@ -307,12 +308,14 @@ def run_row(run: Tuple[str, int, float, str]) -> Dict[str, object]:
     return bench.run(method, target)
 
 
-def run_rows(todo: List[Tuple[str, int, float, str]], setup: Dict[str, object], jobs: int) -> Iterator[Dict]:
-    """The rows of ``todo`` as they finish: in this process, or in ``jobs`` spawned ones of one share of the torch
-    threads each, taking the next row as they free up (each row is seeded by itself, so the rows are the same)."""
+def run_rows(todo: List[Tuple[str, int, float, str]], setup: Dict[str, object], jobs: int,
+             splits) -> Iterator[Dict]:
+    """The rows of ``todo`` as they finish: in this process (with its ``splits``), or in ``jobs`` spawned ones of
+    one share of the torch threads each, taking the next row as they free up (each row is seeded by itself, so the
+    rows are the same)."""
     threads = max(1, torch.get_num_threads() // jobs)
     if jobs == 1:
-        start_worker(setup, threads)
+        start_worker(setup, threads, splits)
         yield from map(run_row, todo)
         return
     with multiprocessing.get_context("spawn").Pool(jobs, start_worker, (setup, threads)) as pool:
@@ -491,7 +494,7 @@ def main(argv=None) -> int:
     setup = dict(nets=nets, dataroot=args.dataroot, adapt_epochs=args.adapt_epochs, cache=args.cache,
                  epochs=args.epochs, distill=distill)
     loads = []
-    for row in tqdm(run_rows(todo, setup, args.jobs), total=len(todo), desc="bench_quality"):
+    for row in tqdm(run_rows(todo, setup, args.jobs, splits), total=len(todo), desc="bench_quality"):
         loads.append(row["load_1min"])
         rows = add_row(csv, row)
         tqdm.write(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -502,8 +505,9 @@ def main(argv=None) -> int:
     summary.to_csv(args.out / "bench_quality_summary.csv", index=False)
     plot(summary, args.out / "bench_quality.png")
     print(summary.to_string(index=False))
+    load = f"{min(loads, default=float('nan')):.1f}-{max(loads, default=float('nan')):.1f}"
     print(f"\n{len(todo)} runs in {(time.perf_counter() - started) / 60:.1f} min in {args.jobs} process(es) of "
-          f"{max(1, torch.get_num_threads() // args.jobs)} thread(s), 1-min load {min(loads, default=float('nan')):.1f}-{max(loads, default=float('nan')):.1f}; "
+          f"{max(1, torch.get_num_threads() // args.jobs)} thread(s), 1-min load {load}; "
           "dense top-1 on the held-out images: " +
           ", ".join(f"{n} {v:.2f}%" for n, v in rows.groupby("net")["dense_top1"].first().items()))
     return 0
