@@ -13,7 +13,8 @@ the default ``downstream``) before (a), ``+rec-readers`` only the layers
 reading pruned convs (the earlier default); ``+kd`` fine-tunes
 with the dense network as teacher (``cdp_gfi.train.distill``), (b) only; its
 temperature and weight go in the row's ``distill`` column (``none`` without
-``+kd``), and rows of another distillation setting are not taken as done. Seeds
+``+kd``), the reconstruction sample's batches (``--reconstruct_batches``) in
+``rec_batches`` (0 without), and rows of other settings are not taken as done. Seeds
 change the statistics sample, Taylor's batches, the BN batches, the
 reconstruction sample and the fine-tuning order.
 
@@ -67,7 +68,7 @@ from cdp_gfi.latency.report import compare_latency  # noqa: E402
 from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant  # noqa: E402
 from cdp_gfi.runs.cli import OneLineParser  # noqa: E402
 from cdp_gfi.scores.importance import scores_from_statistics  # noqa: E402
-from cdp_gfi.slimming.reconstruct import reconstruct  # noqa: E402
+from cdp_gfi.slimming.reconstruct import DEFAULT_BATCHES as REC_BATCHES, reconstruct  # noqa: E402
 from cdp_gfi.statistics.collect import collect_statistics  # noqa: E402
 from cdp_gfi.statistics.store import Statistics  # noqa: E402
 from cdp_gfi.train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT  # noqa: E402
@@ -82,7 +83,6 @@ DEVICE = torch.device("cpu")
 BATCH = 128
 STATS_BATCHES = 20
 RECAL_BATCHES = 20
-RECON_BATCHES = 4
 FINETUNE_LR = 0.01
 LATENCY_BATCHES = (1, BATCH)  # the latency column (``compare_latency`` on the bench's threads)
 
@@ -140,8 +140,9 @@ class Bench:
     """One network, one seed: the data, the adapted dense net, its graph and scope, statistics per feature site."""
 
     def __init__(self, name: str, base: nn.Module, splits, seed: int, epochs: int,
-                 distill: Tuple[float, float]) -> None:
+                 distill: Tuple[float, float], rec_batches: int = REC_BATCHES) -> None:
         self.name, self.splits, self.seed, self.epochs, self.distill = name, splits, seed, epochs, distill
+        self.rec_batches = rec_batches
         self.base = base.eval()
         self.graph: ModelGraph = trace(self.base, torch.zeros(1, *SIZE))
         self.scope = default_scope(self.graph)
@@ -195,11 +196,11 @@ class Bench:
         started = time.perf_counter()
         model, masks = self.pruned(base, target)
         if "rec" in recovery or "rec-readers" in recovery:
-            reconstruct(self.base, model, masks, sample_loader(self.splits[1], BATCH, RECON_BATCHES, self.seed + 1000, 0),
+            sample = sample_loader(self.splits[1], BATCH, self.rec_batches, self.seed + 1000, 0)
+            reconstruct(self.base, model, masks, sample, batches=self.rec_batches,
                         layers="readers" if "rec-readers" in recovery else "downstream")
         prune_s = time.perf_counter() - started
         a, b, a_s = self.measure(model, recalibrate=base != "dense", distill="kd" in recovery)
-        distill = distill_label(recovery, self.distill)
         a_s += prune_s
         latency = {f"latency_b{n}_pct": 0.0 for n in LATENCY_BATCHES}
         if base != "dense":  # after measuring: its random inputs leave the rows' seeds alone
@@ -207,7 +208,8 @@ class Bench:
             latency = {f"latency_b{n}_pct": cut[f"latency_reduction_pct_b{n}"] for n in LATENCY_BATCHES}
         macs = count_flops(model, SIZE)[0]
         return dict(net=self.name, method=method, target_pct=0.0 if base == "dense" else 100 * target,
-                    seed=self.seed, distill=distill, macs_removed_pct=100 * (1 - macs / self.dense_macs), **latency,
+                    seed=self.seed, **settings_of(recovery, self.distill, self.rec_batches),
+                    macs_removed_pct=100 * (1 - macs / self.dense_macs), **latency,
                     dense_top1=self.base_top1,
                     top1_a=a, top1_b=b, epochs=self.epochs, prune_s=prune_s, a_s=a_s,
                     total_s=time.perf_counter() - started, load_1min=os.getloadavg()[0])
@@ -253,32 +255,42 @@ def taylor_evaluator(dataset, seed: int) -> Callable[[nn.Module], object]:
     return factory
 
 
-ROW_KEY = ["net", "method", "target_pct", "seed", "distill"]  # one row of the CSV per key
+SETTINGS = ["distill", "rec_batches"]  # a row's recovery settings (``settings_of``), part of its key
+ROW_KEY = ["net", "method", "target_pct", "seed", *SETTINGS]  # one row of the CSV per key
 
 
-def distill_label(recovery: Tuple[str, ...], distill: Tuple[float, float]) -> str:
-    """A row's ``distill`` column: ``T=4,W=0.9`` for a ``+kd`` row (temperature, weight), else ``none``."""
-    return f"T={distill[0]:g},W={distill[1]:g}" if "kd" in recovery else "none"
+def settings_of(recovery: Tuple[str, ...], distill: Tuple[float, float], rec_batches: int) -> Dict[str, object]:
+    """A row's ``SETTINGS``: ``distill``, ``T=4,W=0.9`` for a ``+kd`` row (temperature, weight), else ``none``;
+    ``rec_batches``, the reconstruction sample's batches of 128 (0 for a row without reconstruction)."""
+    rebuilt = bool({"rec", "rec-readers"} & set(recovery))
+    return {"distill": f"T={distill[0]:g},W={distill[1]:g}" if "kd" in recovery else "none",
+            "rec_batches": rec_batches if rebuilt else 0}
 
 
-def with_distill(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with a ``distill`` column: a CSV written before it had one says ``unknown`` for its ``+kd`` rows,
-    whose setting was not recorded, and ``none`` for the others."""
-    if "distill" in rows or not len(rows):
+def with_settings(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with every ``SETTINGS`` column. A CSV written before one was recorded says ``unknown`` for its
+    ``+kd`` rows' setting (not recorded) and 4 reconstruction batches (the only sample before the option)."""
+    if not len(rows):
         return rows
-    return rows.assign(distill=["unknown" if "kd" in parse_method(m)[1] else "none" for m in rows["method"]])
+    recovery = [parse_method(m)[1] for m in rows["method"]]
+    if "distill" not in rows:
+        rows = rows.assign(distill=["unknown" if "kd" in r else "none" for r in recovery])
+    if "rec_batches" not in rows:
+        rows = rows.assign(rec_batches=[settings_of(r, (0, 0), 4)["rec_batches"] for r in recovery])
+    return rows
 
 
 def pending(rows: pd.DataFrame, runs: List[Tuple[str, int, float, str]], distill: Tuple[float, float],
-            need_b: bool) -> List[Tuple[str, int, float, str]]:
-    """The (net, seed, target, method) runs not already in ``rows`` (``with_distill``'s) with this distillation
-    setting, and with (b) when ``need_b``."""
+            need_b: bool, rec_batches: int = REC_BATCHES) -> List[Tuple[str, int, float, str]]:
+    """The (net, seed, target, method) runs not already in ``rows`` (``with_settings``'s) with these recovery
+    settings, and with (b) when ``need_b``."""
     if not len(rows):
         return list(dict.fromkeys(runs))
     rows = rows if not need_b else rows[rows["top1_b"].notna()]
     done = set(zip(*(rows[k] for k in ROW_KEY)))
     return [run for run in dict.fromkeys(runs)
-            if (run[0], run[3], 100 * run[2], run[1], distill_label(parse_method(run[3])[1], distill)) not in done]
+            if (run[0], run[3], 100 * run[2], run[1],
+                *settings_of(parse_method(run[3])[1], distill, rec_batches).values()) not in done]
 
 
 _WORKER: Dict[str, object] = {}  # one process's setup (``start_worker``) and its current Bench
@@ -304,7 +316,8 @@ def run_row(run: Tuple[str, int, float, str]) -> Dict[str, object]:
         splits = _WORKER["splits"]
         base, _ = adapted(net, setup["nets"][net], splits, make_loader(splits[2], 256, shuffle=False),
                           setup["adapt_epochs"], setup["dataroot"], setup["cache"])
-        bench = _WORKER["bench"] = Bench(net, base, splits, seed, setup["epochs"], setup["distill"])
+        bench = _WORKER["bench"] = Bench(net, base, splits, seed, setup["epochs"], setup["distill"],
+                                         setup["rec_batches"])
     return bench.run(method, target)
 
 
@@ -327,7 +340,7 @@ def add_row(csv: Path, row: Dict[str, object]) -> pd.DataFrame:
     lock, written whole then renamed), so runs sharing an ``--out`` keep each other's rows; all rows after it."""
     with open(csv.parent / f".{csv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = with_distill(pd.read_csv(csv)) if csv.exists() else pd.DataFrame()
+        rows = with_settings(pd.read_csv(csv)) if csv.exists() else pd.DataFrame()
         if len(rows):
             rows = rows[~(rows[ROW_KEY] == pd.Series({k: row[k] for k in ROW_KEY})).all(axis=1)]
         rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
@@ -338,9 +351,9 @@ def add_row(csv: Path, row: Dict[str, object]) -> pd.DataFrame:
 
 
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and seed count of both measures, per network, target, row and distillation setting (table order
+    """Mean, std and seed count of both measures, per network, target, row and recovery settings (table order
     kept)."""
-    grouped = rows.groupby(["net", "target_pct", "method", "distill"], sort=False)
+    grouped = rows.groupby(["net", "target_pct", "method", *SETTINGS], sort=False)
     latency = {c: (c, "mean") for c in rows.columns if c.startswith("latency_")}
     out = grouped.agg(macs_removed_pct=("macs_removed_pct", "mean"), **latency,
                       a_mean=("top1_a", "mean"), a_std=("top1_a", "std"), a_seeds=("top1_a", "count"),
@@ -356,9 +369,9 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = summary.groupby("method")["distill"].nunique()
-    summary = summary.assign(method=[m if settings[m] == 1 else f"{m} ({d})"
-                                     for m, d in zip(summary["method"], summary["distill"])])
+    settings = summary[["method", *SETTINGS]].drop_duplicates().groupby("method").size()
+    summary = summary.assign(method=[m if settings[m] == 1 else f"{m} ({d}, {r} rec batches)" for m, d, r in
+                                     zip(summary["method"], summary["distill"], summary["rec_batches"])])
     dense = summary[summary["target_pct"] == 0].set_index("net")
     pruned = summary[summary["target_pct"] != 0]
     cases = list(pruned.groupby(["net", "target_pct"], sort=False).groups) or [(None, None)]
@@ -443,6 +456,9 @@ def parse_args(argv) -> argparse.Namespace:
                    help=f"temperature of the +kd rows (default {DEFAULT_TEMPERATURE:g})")
     p.add_argument("--distill_weight", type=float, default=DEFAULT_WEIGHT,
                    help=f"weight of the soft term in the +kd rows (default {DEFAULT_WEIGHT:g})")
+    p.add_argument("--reconstruct_batches", type=int, default=REC_BATCHES,
+                   help=f"batches of 128 training images the +rec rows refit on (default {REC_BATCHES}, the "
+                        "library's)")
     p.add_argument("--quick", action="store_true", help="resnet20, 50%%, seed 0, the main rows, (a) only unless "
                                                         "--epochs is given")
     p.add_argument("--jobs", type=int,
@@ -462,6 +478,8 @@ def main(argv=None) -> int:
             args.jobs = 2 if args.quick else 1
         if args.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        if args.reconstruct_batches < 1:
+            raise ValueError(f"--reconstruct_batches must be >= 1, got {args.reconstruct_batches}")
         if args.adapt_epochs < 0 or args.epochs < 0:
             raise ValueError(f"--adapt_epochs and --epochs must be >= 0, got {args.adapt_epochs}, {args.epochs}")
         nets = parse_nets(args.nets)
@@ -483,16 +501,17 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     csv = args.out / "bench_quality.csv"
-    rows = with_distill(pd.read_csv(csv)) if args.resume and csv.exists() else pd.DataFrame()
+    rows = with_settings(pd.read_csv(csv)) if args.resume and csv.exists() else pd.DataFrame()
     started = time.perf_counter()
     distill = (args.distill_temperature, args.distill_weight)
     todo = pending(rows, [(n, s, 0.0 if m == "dense" else t, m) for n in nets for s in seeds for t in targets
-                          for m in methods], distill, need_b=bool(args.epochs))  # (a)-only rows get (b) too
+                          for m in methods], distill, need_b=bool(args.epochs),  # (a)-only rows get (b) too
+                   rec_batches=args.reconstruct_batches)
     test = make_loader(splits[2], 256, shuffle=False)
     for net in dict.fromkeys(run[0] for run in todo):  # adapted here once, so that workers only read the cache
         adapted(net, nets[net], splits, test, args.adapt_epochs, args.dataroot, args.cache)
     setup = dict(nets=nets, dataroot=args.dataroot, adapt_epochs=args.adapt_epochs, cache=args.cache,
-                 epochs=args.epochs, distill=distill)
+                 epochs=args.epochs, distill=distill, rec_batches=args.reconstruct_batches)
     loads = []
     for row in tqdm(run_rows(todo, setup, args.jobs, splits), total=len(todo), desc="bench_quality"):
         loads.append(row["load_1min"])

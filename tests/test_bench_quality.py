@@ -134,22 +134,26 @@ def test_the_macs_target_is_matched_side_by_side_with_the_latency_targeted_netwo
     assert other.asked == 0.3 and torch.equal(other.keep["conv"], torch.tensor([True, True]))
 
 
-def test_resume_takes_a_row_as_done_only_with_the_same_distillation_setting():
+def test_resume_takes_a_row_as_done_only_with_the_same_recovery_settings():
     import pandas as pd
 
     rows = pd.DataFrame({"net": ["resnet20"] * 3, "method": ["cdp+rec+kd", "cdp", "gfi-ap+kd"],
                          "target_pct": [30.0] * 3, "seed": [0] * 3, "distill": ["T=4,W=0.9", "none", "T=4,W=1"],
-                         "top1_b": [86.0, float("nan"), 85.0]})
+                         "rec_batches": [4, 0, 0], "top1_b": [86.0, float("nan"), 85.0]})
     runs = [("resnet20", 0, 0.3, "cdp+rec+kd"), ("resnet20", 0, 0.3, "cdp"), ("resnet20", 0, 0.3, "gfi-ap+kd")]
-    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=True) == runs[1:]  # (a) only: (b) still to do
-    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=False) == runs[2:]
-    assert bench_quality.pending(rows, runs, (4.0, 1.0), need_b=True) == [runs[0], runs[1]]
-    unrecorded = bench_quality.with_distill(rows.drop(columns="distill"))  # a CSV from before the column
+    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=True, rec_batches=4) == runs[1:]  # (b) to do
+    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=False, rec_batches=4) == runs[2:]
+    assert bench_quality.pending(rows, runs, (4.0, 1.0), need_b=True, rec_batches=4) == [runs[0], runs[1]]
+    assert bench_quality.pending(rows, runs, (4.0, 0.9), need_b=False, rec_batches=16) == [runs[0], runs[2]]
+    unrecorded = bench_quality.with_settings(rows.drop(columns=["distill", "rec_batches"]))  # a CSV from before
     assert list(unrecorded["distill"]) == ["unknown", "none", "unknown"]
-    assert bench_quality.pending(unrecorded, runs, (4.0, 0.9), need_b=False) == [runs[0], runs[2]]
-    summary = bench_quality.summarize(pd.concat([rows, rows.assign(distill="T=2,W=0.9", seed=1)]).assign(
+    assert list(unrecorded["rec_batches"]) == [4, 0, 0]
+    assert bench_quality.pending(unrecorded, runs, (4.0, 0.9), need_b=False, rec_batches=4) == [runs[0], runs[2]]
+    summary = bench_quality.summarize(pd.concat([rows, rows.assign(distill="T=2,W=0.9", seed=1),
+                                                 rows.iloc[:1].assign(rec_batches=16, seed=2)]).assign(
         macs_removed_pct=30.0, top1_a=50.0, total_s=1.0, load_1min=1.0))
-    assert len(summary) == 6 and set(summary["distill"]) == {"T=4,W=0.9", "none", "T=4,W=1", "T=2,W=0.9"}
+    assert len(summary) == 7 and set(summary["distill"]) == {"T=4,W=0.9", "none", "T=4,W=1", "T=2,W=0.9"}
+    assert sorted(summary.loc[summary["method"] == "cdp+rec+kd", "rec_batches"]) == [4, 4, 16]
 
 
 def test_runs_sharing_an_out_folder_keep_each_others_rows(tmp_path):
@@ -158,7 +162,8 @@ def test_runs_sharing_an_out_folder_keep_each_others_rows(tmp_path):
     import pandas as pd
 
     csv = tmp_path / "bench_quality.csv"
-    row = dict(net="resnet20", method="cdp", target_pct=30.0, seed=0, distill="none", top1_a=70.0, top1_b=85.0)
+    row = dict(net="resnet20", method="cdp", target_pct=30.0, seed=0, distill="none", rec_batches=0, top1_a=70.0,
+               top1_b=85.0)
     bench_quality.add_row(csv, row)                                        # run 1
     bench_quality.add_row(csv, {**row, "net": "resnet32"})                 # run 2, started before run 1 wrote
     bench_quality.add_row(csv, {**row, "seed": 1})                         # run 1 again
