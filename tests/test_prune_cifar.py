@@ -279,6 +279,8 @@ BAD_INPUT = {
     "mismatched checkpoint": (lambda t, a: a + ["--pretrained_dir", str(_wrong_model(t / "r32.pth"))],
                               "unused in file: layer1.3.conv1.weight"),
     "negative BN re-estimation": (lambda t, a: a + ["--bn_recalibrate", "-1"], "--bn_recalibrate must be an integer >= 0"),
+    "no reconstruction sample": (lambda t, a: a + ["--reconstruct_batches", "0"],
+                                 "--reconstruct_batches must be an integer >= 1"),
     "BN re-estimation beyond the data": (lambda t, a: a + ["--bn_recalibrate", "6"],
                                          "--bn_recalibrate 6 asks for more batches than the training set gives (5"),
     "corrupt checkpoint": (lambda t, a: a + ["--pretrained_dir", str(_write(t / "bad.pth", b"\x80not a zip"))],
@@ -427,6 +429,13 @@ def test_unknown_reconstruct_layers_is_one_error_line(cifar_root, pretrained, tm
     assert exit_.value.code == 2 and not (tmp_path / "run").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "--reconstruct_layers" in err[-1] and "'all'" in err[-1]
+
+
+def test_the_reconstruction_sample_is_the_batches_asked_for(cifar_root, pretrained, tmp_path, capsys):
+    assert prune_cifar.main(cifar_args(cifar_root, pretrained, tmp_path / "run", "--reconstruct_batches", "2")) == 0
+    out = capsys.readouterr().out
+    assert "refitted by least squares on 2 batches" in out
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["reconstruct_batches"] == 2
 
 
 @pytest.mark.parametrize("case", LATENCY_BAD_INPUT)

@@ -15,7 +15,7 @@ from ..masks.select import check_fraction
 from ..masks.variants import CriterionOptions
 from ..models import models_for
 from ..scores.importance import statistics_kinds
-from ..slimming.reconstruct import LAYERS as RECONSTRUCT_LAYERS
+from ..slimming.reconstruct import DEFAULT_BATCHES as RECONSTRUCT_BATCHES, LAYERS as RECONSTRUCT_LAYERS
 from ..train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distillation
 
 DATASETS = ("cifar10", "cifar100", "digits")
@@ -63,6 +63,7 @@ class PruneConfig(CriterionOptions):
     bn_recalibrate: Optional[int] = None
     reconstruct: Optional[bool] = None
     reconstruct_layers: str = "downstream"
+    reconstruct_batches: int = RECONSTRUCT_BATCHES
     distill: Optional[bool] = None
     distill_temperature: float = DEFAULT_TEMPERATURE
     distill_weight: float = DEFAULT_WEIGHT
@@ -137,7 +138,7 @@ def check(config: PruneConfig) -> torch.device:
         raise ValueError(f"--schedule must be one of {SCHEDULES}, got {config.schedule!r}")
     if config.coe is not None and config.coe < 0:
         raise ValueError(f"--coe must be >= 0 (0: no layer rescaling), got {config.coe}")
-    for name in ("stop_batch", "batch_size", "epochs", "baseline_epochs"):
+    for name in ("stop_batch", "batch_size", "epochs", "baseline_epochs", "reconstruct_batches"):
         _positive_int(config, name)
     for name in ("workers", "layerwise_retrain"):
         _positive_int(config, name, minimum=0)

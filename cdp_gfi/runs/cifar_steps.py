@@ -30,7 +30,7 @@ from ..masks.masked import MaskEnforcer, Masks
 from ..masks.select import filters_removed, select, to_nni_masks
 from ..models import input_size_for, num_classes_for
 from ..scores.importance import scores_from_statistics, statistics_kinds
-from ..slimming.reconstruct import DEFAULT_BATCHES as RECONSTRUCT_BATCHES, reconstruct
+from ..slimming.reconstruct import reconstruct
 from ..slimming.slim_files import SLIM_DUMMY_SIZE, slim_recipe
 from ..slimming.speedup import slim
 from ..statistics.collect import collect_statistics
@@ -278,10 +278,11 @@ def recalibrate(config: PruneConfig, model: nn.Module, plain_train: Dataset, bat
 def refit(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, plain_train: Dataset,
           device: torch.device) -> None:
     """``--reconstruct``: refit ``--reconstruct_layers`` on a seeded sample of plain training images."""
-    loader = sample_loader(plain_train, config.batch_size, RECONSTRUCT_BATCHES, config.seed + 1000, config.workers)
-    names = reconstruct(baseline, model, masks, loader, layers=config.reconstruct_layers)
+    batches = config.reconstruct_batches
+    loader = sample_loader(plain_train, config.batch_size, batches, config.seed + 1000, config.workers)
+    names = reconstruct(baseline, model, masks, loader, batches=batches, layers=config.reconstruct_layers)
     print(f"reconstruction: {len(names)} layer(s) ({config.reconstruct_layers}) refitted by least squares on "
-          f"{RECONSTRUCT_BATCHES} batches", flush=True)
+          f"{batches} batches", flush=True)
 
 
 def report(config: PruneConfig, baseline: nn.Module, model: nn.Module, masks: Masks, save_dir: Path
