@@ -450,8 +450,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
     p.add_argument("--first_seed", type=int, default=0,
                    help="seeds first..first+N-1 (default 0), so that jobs can share a grid's seeds")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs for (b) (default 1): 0 measures "
-                                              "(a) only")
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs for (b) (default 1): 0 measures "
+                                                         "(a) only")
     p.add_argument("--methods", default=",".join(METHODS), help=f"rows (default all): {', '.join(METHODS)}")
     p.add_argument("--distill_temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help=f"temperature of the +kd rows (default {DEFAULT_TEMPERATURE:g})")
@@ -473,8 +473,6 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 1
     try:
         if args.jobs is None:
             args.jobs = 2 if args.quick else 1

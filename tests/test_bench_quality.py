@@ -78,7 +78,8 @@ def test_negative_epochs_are_one_error_line(cifar_root, checkpoint, capsys, flag
     assert len(err) == 1 and err[0].startswith("error:") and "must be >= 0" in err[0]
 
 
-@pytest.mark.parametrize("flags", [["--seeds", "0"], ["--first_seed", "-1"]])
+@pytest.mark.parametrize("flags", [["--seeds", "0"], ["--first_seed", "-1"], ["--jobs", "0"],
+                                   ["--reconstruct_batches", "0"]])
 def test_no_seeds_or_a_negative_first_seed_are_one_error_line(cifar_root, checkpoint, capsys, flags):
     assert bench_quality.main(["--dataroot", str(cifar_root), "--nets", f"resnet20={checkpoint}", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
