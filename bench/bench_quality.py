@@ -263,7 +263,7 @@ ROW_KEY = ["net", "method", "target_pct", "seed", *SETTINGS]  # one row of the C
 def settings_of(recovery: Tuple[str, ...], distill: Tuple[float, float], rec_batches: int) -> Dict[str, object]:
     """A row's ``SETTINGS``: ``distill``, ``T=4,W=0.9`` for a ``+kd`` row (temperature, weight), else ``none``;
     ``rec_batches``, the reconstruction sample's batches of 128 (0 for a row without reconstruction)."""
-    rebuilt = bool({"rec", "rec-readers"} & set(recovery))
+    rebuilt = any(r.startswith("rec") for r in recovery)  # +rec, +rec-readers, and renamed rows of the README CSV
     return {"distill": f"T={distill[0]:g},W={distill[1]:g}" if "kd" in recovery else "none",
             "rec_batches": rec_batches if rebuilt else 0}
 
@@ -277,7 +277,7 @@ def with_settings(rows: pd.DataFrame) -> pd.DataFrame:
     if "distill" not in rows:
         rows = rows.assign(distill=["unknown" if "kd" in r else "none" for r in recovery])
     if "rec_batches" not in rows:
-        rows = rows.assign(rec_batches=[4 if any(x.startswith("rec") for x in r) else 0 for r in recovery])
+        rows = rows.assign(rec_batches=[settings_of(r, (0, 0), 4)["rec_batches"] for r in recovery])
     return rows
 
 
