@@ -69,7 +69,7 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
                                        units=units, dummy_input=torch.zeros(1, *SIZE), device="cpu", batch=batch,
                                        timer=timer, cache_dir=cache_dir, max_layer_sparsity=variant.max_layer_sparsity,
                                        normalization=variant.normalize, rule=variant.rule, order=order,
-                                       cost_power=variant.cost_power)
+                                       cost_power=variant.cost_power, weight_power=variant.weight_power)
             break
         except ValueError as err:
             if "did not settle" not in str(err) or attempt == 2:
@@ -87,7 +87,7 @@ def equal_latency_pair(bench: Bench, method: str, target: float, batch: int, tim
             try:
                 return select(kind, scores, tie, flops_reduction=ask + nudge, graph=bench.graph, units=units,
                               normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
-                              max_layer_sparsity=variant.max_layer_sparsity)[0]
+                              max_layer_sparsity=variant.max_layer_sparsity, weight_power=variant.weight_power)[0]
             except ValueError:
                 continue
         raise ValueError(f"{method}: no MACs target within 2 points of {ask:.2%} is reachable")

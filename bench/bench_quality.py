@@ -119,7 +119,7 @@ def ours(base: str) -> Optional[Tuple[str, Variant]]:
         key, _, value = option.partition("=")
         if key not in fields or not value:
             raise ValueError(f"row {base!r}: {option!r} is not key=value with a key among {', '.join(fields)}")
-        changes[key] = (None if value == "none" else float(value) if key in ("cost_power", "max_layer_sparsity")
+        changes[key] = (None if value == "none" else float(value) if key in ("cost_power", "max_layer_sparsity", "weight_power")
                         else value)
     return kind, replace(DEFAULTS[kind], **changes)
 
@@ -172,7 +172,7 @@ class Bench:
             scores, tie = scores_from_statistics(stats, kind, variant.cdp_mode, None, self.scope)
             keep, _ = select(kind, scores, tie, flops_reduction=target, graph=self.graph,
                              normalization=variant.normalize, cost_power=variant.cost_power, rule=variant.rule,
-                             max_layer_sparsity=variant.max_layer_sparsity)
+                             max_layer_sparsity=variant.max_layer_sparsity, weight_power=variant.weight_power)
             return to_nni_masks(self.base, keep)
         if method == "random":
             return competitors.random_masks(self.base, self.graph, self.scope, target, self.seed)

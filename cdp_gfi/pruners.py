@@ -12,7 +12,7 @@ loop only feeds batches: nothing trains). ``scope="internal"`` (default)
 ranks the block-internal convs both papers prune; ``scope="all"`` ranks every
 conv, channels that meet in an addition as one group (``groups.py``).
 Config entries select within the scope; each entry is one global ranking.
-The criterion variant (``site``, ``normalize``, ``cost_power``, ``rule``,
+The criterion variant (``site``, ``normalize``, ``cost_power``, ``weight_power``, ``rule``,
 ``cdp_mode``, the per-layer cap) defaults to the one shipped for the method;
 ``published=True`` gives the paper's. ``leaf_modules`` (module classes or
 names) are kept whole when the model is traced: a way past a module whose
@@ -58,7 +58,7 @@ class _StatisticsPruner(Pruner):
                  max_layer_sparsity: Optional[float] = None, memory_budget_gb: Optional[float] = None,
                  scope: str = "internal", round_to: Optional[int] = None, published: bool = False,
                  site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
-                 rule: Optional[str] = None, progress: bool = True, leaf_modules: Sequence[LeafSpec] = (),
+                 rule: Optional[str] = None, weight_power: Optional[float] = None, progress: bool = True, leaf_modules: Sequence[LeafSpec] = (),
                  latency_reduction: Optional[float] = None, latency_device: Optional[str] = None,
                  latency_batch: int = 1, latency_timer: Optional[Timer] = None, latency_order: str = "auto",
                  existed_wrappers=None, **method_options):
@@ -71,7 +71,7 @@ class _StatisticsPruner(Pruner):
         self.latency_batch, self.latency_timer, self.latency_order = latency_batch, latency_timer, latency_order
         self.latency: Optional[LatencyResult] = None
         self.variant = resolve_variant(self.method, published, site, normalize, cost_power, rule,
-                                       method_options.pop("cdp_mode", None))
+                                       method_options.pop("cdp_mode", None), weight_power=weight_power)
         statistics_kinds(self.method, self.variant.cdp_mode)
         if data is None and statistics is None:
             raise ValueError(f"{type(self).__name__} needs data (a DataLoader or an NNI evaluator) "
@@ -182,7 +182,7 @@ class _StatisticsPruner(Pruner):
                              max_layer_sparsity=cap, convention=self.flops_convention,
                              units={n: self.units[n] for n in g.names}, round_to=self.round_to,
                              normalization=self.variant.normalize, cost_power=self.variant.cost_power,
-                             rule=self.variant.rule)
+                             rule=self.variant.rule, weight_power=self.variant.weight_power)
             self.keep.update(keep)
         self.update_masks(to_nni_masks(self._convs, self.keep))
 
@@ -201,7 +201,7 @@ class _StatisticsPruner(Pruner):
             dummy_input=self.dummy_input, device=self.latency_device, batch=self.latency_batch,
             timer=self.latency_timer, max_layer_sparsity=cap, round_to=self.round_to,
             normalization=self.variant.normalize, rule=self.variant.rule, order=self.latency_order,
-            cost_power=self.variant.cost_power)
+            cost_power=self.variant.cost_power, weight_power=self.variant.weight_power)
         return self.latency.keep
 
     def compress(self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None):

@@ -285,6 +285,7 @@ BAD_INPUT = {
                                          "--bn_recalibrate 6 asks for more batches than the training set gives (5"),
     "corrupt checkpoint": (lambda t, a: a + ["--pretrained_dir", str(_write(t / "bad.pth", b"\x80not a zip"))],
                            "is corrupt or not a torch checkpoint"),
+    "negative weight power": (lambda t, a: a + ["--weight_power", "-1"], "--weight_power must be >= 0, got -1"),
     "both targets": (lambda t, a: a + ["--flops_reduction", "0.4"], "exactly one of --sparsity and --flops_reduction"),
     "sparsity out of range": (lambda t, a: a + ["--sparsity", "1.5"], "--sparsity must lie strictly between 0 and 1"),
     "save_dir not writable": (lambda t, a: a + ["--save_dir", str(_write(t / "file", b"") / "run")],
@@ -359,9 +360,10 @@ def test_variant_flags_resolve_to_the_published_or_default_criterion(cifar_root,
     assert default.variant() == DEFAULTS["cdp"]
     published = cifar_config.resolve(config_of(base + ["--published", "--method", "gfi"]))
     assert published.variant() == PUBLISHED["gfi"]
-    mixed = cifar_config.resolve(config_of(base + ["--published", "--site", "input", "--cost_power", "0.5"]))
-    assert (mixed.site, mixed.normalize, mixed.cost_power, mixed.rule, mixed.cdp_mode) == \
-        ("input", "none", 0.5, "global", "classwise")
+    mixed = cifar_config.resolve(config_of(base + ["--published", "--site", "input", "--cost_power", "0.5",
+                                                   "--weight_power", "2"]))
+    assert (mixed.site, mixed.normalize, mixed.cost_power, mixed.rule, mixed.cdp_mode, mixed.weight_power) == \
+        ("input", "none", 0.5, "global", "classwise", 2.0)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ from cdp_gfi import build_model, collect_statistics, select
 from cdp_gfi.graph.trace import trace
 from cdp_gfi.graph.groups import internal_units
 from cdp_gfi.masks.select import group_costs
-from cdp_gfi.scores.ranking import cost_weighted, normalize
+from cdp_gfi.scores.ranking import cost_weighted, normalize, weight_scaled
+from cdp_gfi.graph.readers import filter_weights
 from cdp_gfi.graph.scope import default_scope
 from cdp_gfi.graph.sites import read_points
 from cdp_gfi.masks.variants import DEFAULTS, PUBLISHED, Variant, resolve_variant
@@ -88,3 +89,39 @@ def test_variants_published_default_and_overrides():
         resolve_variant("cdp", normalize="zscore")
     with pytest.raises(ValueError, match="--cost_power must be >= 0"):
         resolve_variant("gfi", cost_power=-1)
+    with pytest.raises(ValueError, match="--weight_power must be >= 0"):
+        resolve_variant("cdp", weight_power=-0.5)
+    assert resolve_variant("cdp", published=True, weight_power=1).label("cdp").endswith(",weight1]")
+
+
+def test_filter_weights_are_the_filters_norm_times_the_norm_of_what_reads_its_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(5 * 2 * 2, 3)).eval()
+    graph = trace(model, torch.zeros(1, 3, 8, 8))
+    weights = filter_weights(graph, ["0", "3"])
+    own0, own3 = model[0].weight.flatten(1).norm(dim=1), model[3].weight.flatten(1).norm(dim=1)
+    read0 = model[3].weight.transpose(0, 1).flatten(1).norm(dim=1)  # conv "3" reads channel k through BN and ReLU
+    read3 = model[7].weight.view(3, 5, 4).transpose(0, 1).flatten(1).norm(dim=1)  # 4 features per channel
+    assert torch.allclose(weights["0"], own0 * read0, rtol=1e-5)
+    assert torch.allclose(weights["3"], own3 * read3, rtol=1e-5)
+    resnet = trace(build_model("resnet20", "cifar10"), torch.zeros(1, 3, 32, 32))
+    stream = resnet.modules["layer1.0.conv2"]  # its channels meet an addition: its own norm alone
+    assert torch.allclose(filter_weights(resnet, ["layer1.0.conv2"])["layer1.0.conv2"],
+                          stream.weight.flatten(1).norm(dim=1))
+
+
+def test_weight_power_removes_a_channel_nobody_reads_first_and_zero_changes_nothing():
+    graph = trace(build_model("resnet20", "cifar10"), torch.zeros(1, 3, 32, 32))
+    scope = default_scope(graph)
+    with torch.no_grad():
+        graph.modules["layer2.1.conv2"].weight[:, 5] = 0  # channel 5 of layer2.1.conv1 is read by nobody
+    scores = {n: torch.linspace(1.0, 2.0, graph.modules[n].out_channels) for n in scope}
+    plain, _ = select("cdp", scores, sparsity=0.02, graph=graph)
+    weighted, _ = select("cdp", scores, sparsity=0.02, graph=graph, weight_power=1.0)
+    assert bool(plain["layer2.1.conv1"][5]) and not bool(weighted["layer2.1.conv1"][5])
+    unweighted, _ = select("cdp", scores, sparsity=0.02, graph=graph, weight_power=0.0)
+    assert all(torch.equal(plain[n], unweighted[n]) for n in scope)
+    assert weight_scaled(scores, {n: torch.full_like(s, 2.0) for n, s in scores.items()}, 2.0)[scope[0]][0] == 4.0
+    with pytest.raises(ValueError, match="weight power must be >= 0"):
+        weight_scaled(scores, scores, -1.0)

@@ -27,7 +27,7 @@ SITES = ("conv", "bn", "input")
 ReadPoint = Tuple[str, str]
 
 
-def _downstream(graph: ModelGraph, start: fx.Node) -> Tuple[List[fx.Node], List[fx.Node], bool]:
+def downstream(graph: ModelGraph, start: fx.Node) -> Tuple[List[fx.Node], List[fx.Node], bool]:
     """(channel-wise nodes, conv/linear consumers) reached from ``start`` through channel-wise ops and flattens,
     and whether every path ended at a consumer (False: an addition, concatenation, gate or output came first)."""
     passed, consumers, stack, seen, clean = [], [], list(start.users), set(), True
@@ -59,7 +59,7 @@ def read_points(graph: ModelGraph, layers: Sequence[str], site: str = "conv") ->
     points: Dict[str, ReadPoint] = {}
     for name in layers:
         point: ReadPoint = (name, "output")
-        passed, consumers, clean = _downstream(graph, nodes[name])
+        passed, consumers, clean = downstream(graph, nodes[name])
         if site in ("bn", "input"):
             bns = [n for n in passed if isinstance(graph.module_of(n), nn.BatchNorm2d) and _called_once(graph, n)]
             if len(bns) == 1:

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from ..graph.groups import Unit
+from ..graph.readers import filter_weights
 from ..graph.trace import ModelGraph, is_depthwise
 from ..masks.select import (RULES, Keep, LayerEmptiedError, Scores, _keep_each_conv, check_fraction, expand_units,
                             ranked_unit_scores, round_up, selector, to_nni_masks)
+from ..scores.ranking import weight_scaled
 from ..slimming.speedup import slim
 from .table import Curve, LatencyTable, latency_table
 from .timing import BenchmarkTimer, Timer, check_batch, hardware_multiple, resolve_device
@@ -243,7 +245,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
                        cache_dir=None, max_layer_sparsity: Optional[float] = None, round_to: Optional[int] = None,
                        normalization: str = "none", tolerance: float = 0.02, max_tries: int = 6, rounds: int = 3,
                        slim_input: Optional[torch.Tensor] = None, rule: str = "global", order: str = "auto",
-                       cost_power: float = 0.0) -> LatencyResult:
+                       cost_power: float = 0.0, weight_power: float = 0.0) -> LatencyResult:
     """Kept filters per conv (as ``masks.select.select``) whose slim network's measured latency on ``device``
     at ``batch`` is (1 - ``reduction``) of the dense one's, within ``tolerance``.
 
@@ -255,6 +257,7 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     ``auto`` as ``auto_order`` decides (the greedy for depthwise convs). ``rule``
     (``masks.select.RULES``): under the greedy, ``adaptive`` and ``threshold`` without a cap keep GFI-AP's
     per-layer cap (1 + p) / 2 (``removal_path``); within a unit the order is the criterion's either way.
+    ``weight_power`` scales filters' scores by their weights' norm first (``scores.ranking.weight_scaled``), for both.
     ``slim_input`` (default ``dummy_input``) is what NNI slims each try with: a smaller one
     (64x64 for nets that pool adaptively) keeps its memory and time down (ResNet-50 at 224x224 took 18 GB).
     """
@@ -271,6 +274,8 @@ def select_for_latency(scores: Scores, tiebreak: Optional[Scores] = None, *, red
     dtype = next(model.parameters()).dtype
     example = torch.randn(batch, *dummy_input.shape[1:], device=dev, dtype=dtype)
     table = latency_table(model, graph, units, example, timer, dev, cache_dir)
+    if weight_power:
+        scores = weight_scaled(scores, filter_weights(graph, list(scores)), weight_power)
 
     rounding = round_to if round_to > 1 else None
     pickers: Dict[str, Picker] = {}

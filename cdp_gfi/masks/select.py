@@ -14,8 +14,9 @@ from torch import nn
 from ..flops import keep_vectors, macs_of
 from ..graph.channels import batchnorm_keep
 from ..graph.groups import Unit
+from ..graph.readers import filter_weights
 from ..graph.trace import ModelGraph
-from ..scores.ranking import cost_weighted, normalize
+from ..scores.ranking import cost_weighted, normalize, weight_scaled
 
 Keep = Dict[str, torch.Tensor]
 Scores = Dict[str, torch.Tensor]
@@ -325,8 +326,14 @@ def group_costs(graph: ModelGraph, units: Dict[str, Unit], sizes: Dict[str, int]
 
 def ranked_unit_scores(units: Dict[str, Unit], scores: Scores, tiebreak: Optional[Scores] = None,
                        graph: Optional[ModelGraph] = None, normalization: str = "none", cost_power: float = 0.0,
-                       convention: str = "conv-linear") -> Tuple[Scores, Optional[Scores]]:
-    """Units' group scores as every target ranks them: means over coupled filters, normalised, cost-weighted."""
+                       convention: str = "conv-linear", weight_power: float = 0.0
+                       ) -> Tuple[Scores, Optional[Scores]]:
+    """Units' group scores as every target ranks them: filters' scores weight-scaled, means over coupled filters,
+    normalised, cost-weighted."""
+    if weight_power:
+        if graph is None:
+            raise ValueError("weight_power > 0 needs the model graph to read each filter's weights")
+        scores = weight_scaled(scores, filter_weights(graph, list(scores)), weight_power)
     u_scores, u_tie = unit_scores(units, scores, tiebreak)
     u_scores = normalize(u_scores, normalization)
     if cost_power:
@@ -342,11 +349,12 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
            graph: Optional[ModelGraph] = None, max_layer_sparsity: Optional[float] = None,
            convention: str = "conv-linear", fixed: Optional[Keep] = None,
            units: Optional[Dict[str, Unit]] = None, round_to: Optional[int] = None,
-           normalization: str = "none", cost_power: float = 0.0, rule: Optional[str] = None) -> Tuple[Keep, float]:
+           normalization: str = "none", cost_power: float = 0.0, rule: Optional[str] = None,
+           weight_power: float = 0.0) -> Tuple[Keep, float]:
     """Kept filters per conv for a target: ``sparsity`` (fraction of the ranked filters or groups) or
     ``flops_reduction``. ``units`` couples channels across convs (``groups.coupled_units``); by
-    default each conv is its own unit. ``normalization`` and ``cost_power`` make units' scores
-    comparable before the global ranking (``ranking``); ``rule`` is the selection (``RULES``; by default
+    default each conv is its own unit. ``weight_power`` scales filters' scores by their weights' norm,
+    ``normalization`` and ``cost_power`` make units' scores comparable before the global ranking (``ranking``); ``rule`` is the selection (``RULES``; by default
     the method's own, ``default_rule``). The selection also holds the units' follower convs (depthwise,
     squeeze-excitation), with the channels they follow. Returns (selection, pruning fraction used).
     """
@@ -358,7 +366,8 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     sizes = {name: s.numel() for name, s in scores.items()}
     units = units or {n: Unit(convs=[n], groups=[[(n, k)] for k in range(sizes[n])]) for n in scores}
-    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention)
+    u_scores, u_tie = ranked_unit_scores(units, scores, tiebreak, graph, normalization, cost_power, convention,
+                                         weight_power)
     pick_units = selector(rule or default_rule(method), u_scores, u_tie, max_layer_sparsity)
 
     def pick(p: float) -> Keep:

@@ -8,6 +8,8 @@ things around it, each a named option (docs/algorithms.md has the numbers):
 - ``normalize``: how each layer's scores are rescaled before the one global
   ranking (``ranking.NORMALIZATIONS``; published ``none``);
 - ``cost_power``: how much a filter's MACs count against it (published 0);
+- ``weight_power``: how much a filter's weights (its own norm times the norm
+  of the weights that read its channel) count for it (published 0);
 - ``rule``: the selection (``masks.RULES``): CDP's one global ranking,
   GFI-AP's per-layer cap on the same exact ranking (``adaptive``), or the
   paper's GFI-AP threshold, every tie at it included (``threshold``);
@@ -39,6 +41,7 @@ class Variant:
     rule: str = "global"
     cdp_mode: str = "classwise"
     max_layer_sparsity: Optional[float] = None
+    weight_power: float = 0.0
 
     def label(self, method: str) -> str:
         """A short name such as ``cdp[sample,input,mean,cost0.5,adaptive]``; ``cdp[published]`` for the paper's."""
@@ -47,7 +50,8 @@ class Variant:
             return f"{name}[published]"
         docs = f"{self.cdp_mode}," if method == "cdp" else ""
         cap = f",cap{self.max_layer_sparsity:g}" if self.max_layer_sparsity is not None else ""
-        return f"{name}[{docs}{self.site},{self.normalize},cost{self.cost_power:g},{self.rule}{cap}]"
+        weight = f",weight{self.weight_power:g}" if self.weight_power else ""
+        return f"{name}[{docs}{self.site},{self.normalize},cost{self.cost_power:g},{self.rule}{cap}{weight}]"
 
 
 PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant(rule="threshold")}
@@ -58,7 +62,7 @@ DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 1.0, "adaptive",
 def resolve_variant(method: str, published: bool = False, site: Optional[str] = None,
                     normalize: Optional[str] = None, cost_power: Optional[float] = None,
                     rule: Optional[str] = None, cdp_mode: Optional[str] = None,
-                    max_layer_sparsity: Optional[float] = None) -> Variant:
+                    max_layer_sparsity: Optional[float] = None, weight_power: Optional[float] = None) -> Variant:
     """The variant a run uses: the published or default preset of ``method``, with explicit options on top."""
     presets = PUBLISHED if published else DEFAULTS
     if method not in presets:
@@ -69,13 +73,16 @@ def resolve_variant(method: str, published: bool = False, site: Optional[str] = 
                       float(cost_power) if cost_power is not None else base.cost_power,
                       rule if rule is not None else base.rule,
                       cdp_mode if cdp_mode is not None else base.cdp_mode,
-                      max_layer_sparsity if max_layer_sparsity is not None else base.max_layer_sparsity)
+                      max_layer_sparsity if max_layer_sparsity is not None else base.max_layer_sparsity,
+                      float(weight_power) if weight_power is not None else base.weight_power)
     if variant.site not in SITES:
         raise ValueError(f"--site must be one of {SITES}, got {variant.site!r}")
     if variant.normalize not in NORMALIZATIONS:
         raise ValueError(f"--normalize must be one of {NORMALIZATIONS}, got {variant.normalize!r}")
     if not variant.cost_power >= 0:
         raise ValueError(f"--cost_power must be >= 0, got {variant.cost_power}")
+    if not variant.weight_power >= 0:
+        raise ValueError(f"--weight_power must be >= 0, got {variant.weight_power}")
     if variant.rule not in RULES:
         raise ValueError(f"--rule must be one of {RULES}, got {variant.rule!r}")
     if variant.max_layer_sparsity is not None:
@@ -100,8 +107,9 @@ class CriterionOptions:
     cost_power: Optional[float] = None
     rule: Optional[str] = None
     max_layer_sparsity: Optional[float] = None
+    weight_power: Optional[float] = None
 
     def variant(self) -> Variant:
         """The variant these options select: the published or default preset, explicit options on top."""
         return resolve_variant(self.method, self.published, self.site, self.normalize, self.cost_power,
-                               self.rule, self.cdp_mode, self.max_layer_sparsity)
+                               self.rule, self.cdp_mode, self.max_layer_sparsity, self.weight_power)

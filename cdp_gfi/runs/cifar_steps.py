@@ -192,7 +192,8 @@ def choose_masks(config: PruneConfig, model: nn.Module, stats: Statistics, graph
         keep, _ = select(config.method, scores, tiebreak, sparsity=config.sparsity,
                          flops_reduction=config.flops_reduction, graph=graph, convention=config.flops_convention,
                          units=units, round_to=config.round_to, normalization=config.normalize,
-                         cost_power=config.cost_power, rule=config.rule, max_layer_sparsity=config.max_layer_sparsity)
+                         cost_power=config.cost_power, rule=config.rule, max_layer_sparsity=config.max_layer_sparsity,
+                         weight_power=config.weight_power)
     layers = unit_convs(units)
     macs = 1 - macs_of(graph, keep, config.flops_convention) / macs_of(graph, {}, config.flops_convention)
     print(f"selection: {filters_removed(keep, layers):.1%} of the {sum(keep[n].numel() for n in layers)} ranked "
@@ -210,7 +211,8 @@ def _select_for_latency(config: PruneConfig, model: nn.Module, scores, tiebreak,
                                 timer=latency_timer(config), max_layer_sparsity=config.max_layer_sparsity,
                                 round_to=config.round_to, normalization=config.normalize,
                                 slim_input=dummy_input[..., :SLIM_DUMMY_SIZE, :SLIM_DUMMY_SIZE], rule=config.rule,
-                                order=config.latency_order, cost_power=config.cost_power)
+                                order=config.latency_order, cost_power=config.cost_power,
+                                weight_power=config.weight_power)
     print(f"latency: {result.measured:.1%} measured reduction at batch {config.latency_batch} on {on} "
           f"(target {config.latency_reduction:.1%}, {result.order} order, {len(result.tries)} tries, widths multiples "
           f"of {result.round_to}, "

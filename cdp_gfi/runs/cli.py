@@ -47,13 +47,16 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
       help="CDP documents: classes (the paper's) or images (the authors' code; our default)")
     a("--coe", type=float, help="CDP layer rescaling b = 1 + ln(C / coe); 0 or unset: b = 1")
     a("--published", action="store_true",
-      help="the papers' own definitions (site conv, normalize none, cost_power 0) instead of our defaults")
+      help="the papers' own definitions (site conv, normalize none, cost_power 0, weight_power 0) instead of our defaults")
     a("--site", choices=SITES, help="where feature maps are read: conv (the papers'), bn (after the BatchNorm) "
                                     "or input (what the next layer reads); default per method, see README")
     a("--normalize", choices=NORMALIZATIONS,
       help="rescale each layer's scores before the global ranking: none (the papers'), mean, max, rank")
     a("--cost_power", type=float, metavar="P",
       help="divide scores by (MACs of one filter / mean)^P: expensive filters must earn their place (papers: 0)")
+    a("--weight_power", type=float, metavar="Q",
+      help="multiply scores by (norm of the filter x norm of the weights reading its channel)^Q: a channel made "
+           "and read by small weights moves the next layer little (papers: 0; default per method, see README)")
     a("--max_layer_sparsity", type=float, metavar="F",
       help="most of its filters one layer may lose (default: 0.6 for CDP; GFI-AP's (1+p)/2 for the adaptive and threshold rules)")
     a("--rule", choices=RULES, help="selection: global (one ranking, CDP's), adaptive (the same ranking with "

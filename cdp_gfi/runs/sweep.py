@@ -69,13 +69,13 @@ def sweep_point(config: PruneConfig, session: Session, scores: Dict[str, torch.T
     else:
         summary = run_point(config, session, time.perf_counter())
     _, ckpt = load_pruned_checkpoint(save_dir / "pruned.pth")
-    ranked_as_scored = config.normalize == "none" and not config.cost_power
+    ranked_as_scored = config.normalize == "none" and not config.cost_power and not config.weight_power
     threshold = selection_threshold(scores, kept_vectors(ckpt["masks"])) if ranked_as_scored else float("nan")
     return {**summary, "threshold": threshold, "point_time_s": summary["wall_time_s"]}
 
 
 def selection_threshold(scores: Dict[str, torch.Tensor], keep: Dict[str, torch.Tensor]) -> float:
     """The score threshold a selection used: the highest score among removed filters (GFI-AP's T). Meaningful
-    where filters are ranked by these scores as they are (no normalisation, no MACs cost); NaN is written else."""
+    where filters are ranked by these scores as they are (no normalisation, no MACs cost, no weight scaling); NaN is written else."""
     removed = [scores[name][~k] for name, k in keep.items() if (~k).any()]
     return float(torch.cat(removed).max()) if removed else float("nan")

@@ -35,7 +35,7 @@ TUNABLE: Dict[str, type] = {
     "method": str, "cdp_mode": str, "coe": float, "sparsity": float, "flops_reduction": float,
     "flops_convention": str, "lr": float, "momentum": float, "wd": float, "epochs": int, "schedule": str,
     "layerwise_retrain": int, "stop_batch": int, "batch_size": int, "baseline_epochs": int, "seed": int,
-    "site": str, "normalize": str, "cost_power": float, "rule": str, "max_layer_sparsity": float, "bn_recalibrate": int,
+    "site": str, "normalize": str, "cost_power": float, "weight_power": float, "rule": str, "max_layer_sparsity": float, "bn_recalibrate": int,
 }
 TARGETS = ("sparsity", "flops_reduction")
 KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}

@@ -13,6 +13,10 @@ the order within a layer; they are pure functions of the scores (and, for
   layer over the layer's width: every layer loses about the same fraction).
 - ``cost_power`` p: divide by (MACs of one filter / mean over layers)^p, so
   an expensive filter must be proportionally more important to stay.
+- ``weight_power`` q: multiply each filter's score by its weights' norm^q
+  (``graph.readers.filter_weights``: its own norm times that of the weights
+  reading its channel). Unlike the two above it reorders filters within a
+  layer, so it acts on filters' scores before any of them.
 """
 from __future__ import annotations
 
@@ -49,3 +53,12 @@ def cost_weighted(scores: Mapping[str, torch.Tensor], costs: Mapping[str, float]
         return dict(scores)
     mean = sum(costs[n] for n in scores) / max(len(scores), 1)
     return {n: s / (max(costs[n], 1e-12) / mean) ** power for n, s in scores.items()}
+
+
+def weight_scaled(scores: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], power: float) -> Scores:
+    """Each filter's score times its weight norm^power (``filter_weights``); power 0 leaves the scores as they are."""
+    if power < 0:
+        raise ValueError(f"weight power must be >= 0, got {power}")
+    if power == 0:
+        return dict(scores)
+    return {n: (s.double() * weights[n].double().clamp_min(0) ** power).float() for n, s in scores.items()}
