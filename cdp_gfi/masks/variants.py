@@ -55,8 +55,8 @@ class Variant:
 
 
 PUBLISHED: Dict[str, Variant] = {"cdp": Variant(), "gfi": Variant(rule="threshold")}
-DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 1.0, "adaptive", "sample", 0.6),
-                                "gfi": Variant("input", "mean", 0.5, "adaptive")}
+DEFAULTS: Dict[str, Variant] = {"cdp": Variant("input", "mean", 1.0, "adaptive", "sample", 0.6, weight_power=2.0),
+                                "gfi": Variant("input", "mean", 0.5, "adaptive", weight_power=2.0)}
 
 
 def resolve_variant(method: str, published: bool = False, site: Optional[str] = None,
