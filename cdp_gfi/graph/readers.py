@@ -15,16 +15,17 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .sites import downstream
 from .trace import ModelGraph
 
 
-def _read_norms(graph: ModelGraph, name: str, width: int) -> Optional[torch.Tensor]:
-    """Squared L2 norm of the weights that read each of ``width`` channels of conv ``name``; None where some reader
-    is not a plain (ungrouped) conv or a linear, or the channels reach something other than readers."""
-    _, consumers, clean = downstream(graph, graph.conv_nodes()[name])
+def _read_norms(graph: ModelGraph, conv: fx.Node, width: int) -> Optional[torch.Tensor]:
+    """Squared L2 norm of the weights that read each of ``width`` channels of the ``conv`` node; None where some
+    reader is not a plain (ungrouped) conv or a linear, or the channels reach something other than readers."""
+    _, consumers, clean = downstream(graph, conv)
     if not clean or not consumers:
         return None
     total = torch.zeros(width, dtype=torch.float64)
@@ -43,10 +44,10 @@ def _read_norms(graph: ModelGraph, name: str, width: int) -> Optional[torch.Tens
 def filter_weights(graph: ModelGraph, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
     """Per conv in ``layers``: ||own filter|| x ||reading weights|| of every filter (the readers' factor 1 where the
     module docstring says), as float tensors."""
-    out = {}
+    out, nodes = {}, graph.conv_nodes()
     for name in layers:
         conv = graph.modules[name]
         own = conv.weight.detach().double().flatten(1).norm(dim=1)
-        read = _read_norms(graph, name, conv.out_channels)
+        read = _read_norms(graph, nodes[name], conv.out_channels)
         out[name] = (own if read is None else own * read.sqrt()).float()
     return out
