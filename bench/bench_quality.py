@@ -119,8 +119,8 @@ def ours(base: str) -> Optional[Tuple[str, Variant]]:
         key, _, value = option.partition("=")
         if key not in fields or not value:
             raise ValueError(f"row {base!r}: {option!r} is not key=value with a key among {', '.join(fields)}")
-        changes[key] = (None if value == "none" else float(value) if key in ("cost_power", "max_layer_sparsity", "weight_power")
-                        else value)
+        numeric = key in ("cost_power", "max_layer_sparsity", "weight_power")
+        changes[key] = None if value == "none" else float(value) if numeric else value
     return kind, replace(DEFAULTS[kind], **changes)
 
 

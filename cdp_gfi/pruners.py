@@ -58,7 +58,8 @@ class _StatisticsPruner(Pruner):
                  max_layer_sparsity: Optional[float] = None, memory_budget_gb: Optional[float] = None,
                  scope: str = "internal", round_to: Optional[int] = None, published: bool = False,
                  site: Optional[str] = None, normalize: Optional[str] = None, cost_power: Optional[float] = None,
-                 rule: Optional[str] = None, weight_power: Optional[float] = None, progress: bool = True, leaf_modules: Sequence[LeafSpec] = (),
+                 rule: Optional[str] = None, weight_power: Optional[float] = None, progress: bool = True,
+                 leaf_modules: Sequence[LeafSpec] = (),
                  latency_reduction: Optional[float] = None, latency_device: Optional[str] = None,
                  latency_batch: int = 1, latency_timer: Optional[Timer] = None, latency_order: str = "auto",
                  existed_wrappers=None, **method_options):

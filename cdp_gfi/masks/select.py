@@ -353,10 +353,10 @@ def select(method: str, scores: Scores, tiebreak: Optional[Scores] = None, *,
            weight_power: float = 0.0) -> Tuple[Keep, float]:
     """Kept filters per conv for a target: ``sparsity`` (fraction of the ranked filters or groups) or
     ``flops_reduction``. ``units`` couples channels across convs (``groups.coupled_units``); by
-    default each conv is its own unit. ``weight_power`` scales filters' scores by their weights' norm,
-    ``normalization`` and ``cost_power`` make units' scores comparable before the global ranking (``ranking``); ``rule`` is the selection (``RULES``; by default
-    the method's own, ``default_rule``). The selection also holds the units' follower convs (depthwise,
-    squeeze-excitation), with the channels they follow. Returns (selection, pruning fraction used).
+    default each conv is its own unit. ``weight_power`` scales filters' scores by their weights' norm;
+    ``normalization`` and ``cost_power`` make units' scores comparable before the global ranking
+    (``ranking``); ``rule`` is the selection (``RULES``; by default the method's own, ``default_rule``). The
+    selection also holds the units' follower convs (depthwise, squeeze-excitation), with the channels they follow. Returns (selection, pruning fraction used).
     """
     if (sparsity is None) == (flops_reduction is None):
         raise ValueError("give exactly one of sparsity and flops_reduction")

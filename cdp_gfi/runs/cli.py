@@ -47,7 +47,8 @@ def add_criterion_arguments(parser: argparse.ArgumentParser) -> None:
       help="CDP documents: classes (the paper's) or images (the authors' code; our default)")
     a("--coe", type=float, help="CDP layer rescaling b = 1 + ln(C / coe); 0 or unset: b = 1")
     a("--published", action="store_true",
-      help="the papers' own definitions (site conv, normalize none, cost_power 0, weight_power 0) instead of our defaults")
+      help="the papers' own definitions (site conv, normalize none, cost_power 0, weight_power 0) instead of our "
+           "defaults")
     a("--site", choices=SITES, help="where feature maps are read: conv (the papers'), bn (after the BatchNorm) "
                                     "or input (what the next layer reads); default per method, see README")
     a("--normalize", choices=NORMALIZATIONS,
